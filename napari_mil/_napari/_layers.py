@@ -1,0 +1,90 @@
+"""Layer data for napari built from core objects: slide pyramids, tissue masks, patch grids.
+
+World coordinates are µm when the slide's mpp is known, level-0 pixels otherwise; every layer
+of one slide uses the same convention, so they overlay exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from napari_mil.slide.base import Slide
+from napari_mil.tiling import PatchGrid
+from napari_mil.tissue import TissueMask
+
+# Above this many patches the grid is drawn as one dot per patch instead of outlines.
+MAX_OUTLINED_PATCHES = 20_000
+PATCH_COLOUR = "#00e5ff"
+
+
+def world_per_pixel(slide: Slide) -> float:
+    return slide.mpp if slide.mpp is not None else 1.0
+
+
+def units(slide: Slide) -> str:
+    return "µm" if slide.mpp is not None else "level-0 px"
+
+
+def slide_layer_data(slide: Slide) -> tuple:
+    """(data, kwargs, "image") for a lazy multiscale RGB layer of the slide."""
+    from napari_mil.slide.pyramid import dask_pyramid
+
+    pyramid = dask_pyramid(slide)
+    s = world_per_pixel(slide)
+    metadata = {
+        "napari_mil": {
+            "path": str(slide.path),
+            "mpp": slide.mpp,
+            "mpp_source": slide.mpp_source,
+            "mpp_note": slide.mpp_note,
+            "backend": slide.backend.name,
+            "magnification": slide.magnification,
+            "level_dimensions": slide.level_dimensions,
+            "level_downsamples": slide.level_downsamples,
+        },
+        "slide": slide,
+        "properties": slide.properties,
+        "associated_images": slide.associated_images,
+    }
+    kwargs = {
+        "name": slide.name,
+        "rgb": True,
+        "multiscale": len(pyramid) > 1,
+        "scale": (s, s),
+        "metadata": metadata,
+        "contrast_limits": (0, 255),
+    }
+    data = pyramid if len(pyramid) > 1 else pyramid[0]
+    return data, kwargs, "image"
+
+
+def mask_layer_kwargs(slide: Slide, mask: TissueMask) -> dict:
+    """scale/translate placing mask pixel centres over the level-0 pixels they summarise."""
+    s = world_per_pixel(slide)
+    sy, sx = mask.downsample
+    return {
+        "scale": (sy * s, sx * s),
+        "translate": ((sy - 1) / 2 * s, (sx - 1) / 2 * s),
+        "opacity": 0.35,
+    }
+
+
+def grid_layer_data(slide: Slide, grid: PatchGrid) -> tuple[np.ndarray, dict]:
+    """Points at patch centres in world coordinates (row, col), with square outlines sized
+    to the patch when the grid is small enough to read them."""
+    s = world_per_pixel(slide)
+    half = grid.patch_size_level0 / 2 - 0.5
+    centres = (grid.coords[:, ::-1].astype(np.float64) + half) * s  # (y, x)
+    outlined = len(grid) <= MAX_OUTLINED_PATCHES
+    kwargs = {
+        "symbol": "square" if outlined else "disc",
+        "size": grid.patch_size_level0 * s if outlined else max(grid.patch_size_level0 * s / 4, 1.0),
+        "face_color": "transparent" if outlined else PATCH_COLOUR,
+        "border_color": PATCH_COLOUR,
+        "border_width": 0.06 if outlined else 0.0,
+        "border_width_is_relative": True,
+        "features": {"tissue_fraction": grid.tissue_fraction, "x": grid.coords[:, 0], "y": grid.coords[:, 1]},
+        "metadata": {"napari_mil_grid": grid},
+        "opacity": 0.9,
+    }
+    return centres, kwargs

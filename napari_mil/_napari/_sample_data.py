@@ -1,0 +1,63 @@
+"""napari sample data: the real CMU-1 small-region Aperio slide and a synthetic H&E slide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+CMU1_PATH = DATA_DIR / "CMU-1-Small-Region.svs"
+
+# The sample synthetic slide: small enough to generate in a few seconds on a laptop.
+SYNTHETIC_SAMPLE = dict(width=10240, height=7680, mpp=0.5, seed=7, tumour_burden=0.12, pen_marks=True)
+
+
+def cache_dir() -> Path:
+    """Per-user cache for generated sample slides (NAPARI_MIL_CACHE overrides it)."""
+    import os
+
+    env = os.environ.get("NAPARI_MIL_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("napari-mil"))
+
+
+def synthetic_sample_path() -> Path:
+    """Generate the sample synthetic slide once (cached by its parameters) and return its path."""
+    from napari_mil.synthetic import make_synthetic_slide
+
+    import hashlib
+
+    key = "_".join(f"{k}{v}" for k, v in sorted(SYNTHETIC_SAMPLE.items()))
+    path = cache_dir() / "samples" / f"synthetic_{hashlib.sha1(key.encode()).hexdigest()[:10]}.tif"
+    if not (path.exists() and path.with_suffix(".json").exists()):
+        make_synthetic_slide(path, **SYNTHETIC_SAMPLE)
+    return path
+
+
+def cmu1_small_region():
+    from napari_mil._napari._reader import read_slides
+
+    return read_slides(str(CMU1_PATH))
+
+
+def synthetic_slide():
+    """The synthetic slide plus its tumour ground truth as a (hidden) labels layer."""
+    from napari_mil._napari._reader import read_slides
+    from napari_mil.synthetic import SyntheticSlide
+
+    path = synthetic_sample_path()
+    layers = read_slides(str(path))
+    info = SyntheticSlide.load(path)
+    s = info.mpp * info.mask_downsample
+    ds = info.mask_downsample
+    layers.append((
+        info.tumour_mask().astype(np.uint8),
+        {"name": f"{path.stem} tumour ground truth", "scale": (s, s),
+         "translate": ((ds - 1) / 2 * info.mpp,) * 2, "opacity": 0.4, "visible": False},
+        "labels",
+    ))
+    return layers

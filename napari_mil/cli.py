@@ -1,0 +1,196 @@
+"""Command line: the same core functions as the napari docks.
+
+    napari-mil tile SLIDE|FOLDER|CSV ... --out DIR
+    napari-mil synthetic OUT.tif | --cohort N OUT_DIR
+    napari-mil demo [--headless OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from napari_mil import __version__
+from napari_mil.errors import NapariMilError
+
+
+def expand_inputs(inputs: list[str]) -> list[tuple[Path, float | None]]:
+    """Slides from files, folders (not recursive) and CSVs (column ``path``, optional ``mpp``).
+
+    Relative paths in a CSV are relative to the CSV's folder.
+    """
+    from napari_mil.slide.base import is_slide_path
+
+    out: list[tuple[Path, float | None]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.suffix.lower() == ".csv":
+            if not p.exists():
+                raise NapariMilError(f"{p} does not exist")
+            with open(p, newline="") as fh:
+                reader = csv.DictReader(fh)
+                column = next((c for c in ("path", "slide_path", "slide") if c in (reader.fieldnames or [])), None)
+                if column is None:
+                    raise NapariMilError(f"{p}: no 'path' column (columns: {', '.join(reader.fieldnames or [])})")
+                for row in reader:
+                    sp = Path(row[column])
+                    if not sp.is_absolute():
+                        sp = p.parent / sp
+                    mpp = float(row["mpp"]) if row.get("mpp") else None
+                    out.append((sp, mpp))
+        elif p.is_dir() and not any(p.glob("*.dcm")):
+            out.extend((f, None) for f in sorted(p.iterdir()) if f.is_file() and is_slide_path(f))
+        else:
+            out.append((p, None))
+    return out
+
+
+def tile_one(path: Path, out: Path, args, mpp: float | None) -> tuple[int, float]:
+    """Detect, tile and write mask, grid and preview for one slide; return (patches, tissue %)."""
+    from PIL import Image
+
+    from napari_mil.slide import open_slide
+    from napari_mil.tiling import make_patch_grid, render_grid_preview
+    from napari_mil.tissue import detect_tissue
+
+    with open_slide(path, mpp=mpp if mpp is not None else args.mpp) as slide:
+        slide.require_mpp()
+        overrides = {}
+        if args.saturation_threshold is not None:
+            overrides["saturation_threshold"] = args.saturation_threshold
+        if args.min_tissue_area is not None:
+            overrides["min_tissue_area_um2"] = args.min_tissue_area * 1e6
+        mask = detect_tissue(slide, args.preset, **overrides)
+        mask.save(out / "masks" / f"{slide.name}.png")
+        grid = make_patch_grid(
+            slide, mask, patch_size=args.patch_size, target_mpp=args.target_mpp,
+            magnification=None if args.target_mpp else args.magnification,
+            overlap=args.overlap, min_tissue=args.min_tissue,
+        )
+        grid.save(out / "patches" / f"{slide.name}.h5")
+        preview = render_grid_preview(slide, mask, grid)
+        (out / "previews").mkdir(parents=True, exist_ok=True)
+        tmp = out / "previews" / f".{slide.name}.png.tmp"
+        Image.fromarray(preview).save(tmp, format="PNG")
+        tmp.replace(out / "previews" / f"{slide.name}.png")
+        return len(grid), mask.tissue_area_fraction
+
+
+def cmd_tile(args) -> int:
+    from tqdm import tqdm
+
+    try:
+        slides = expand_inputs(args.slides)
+    except NapariMilError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not slides:
+        print("error: no slide files found in the given inputs", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    rows = []
+    for path, mpp in tqdm(slides, desc="tiling", unit="slide", disable=args.quiet or len(slides) == 1):
+        try:
+            n, tissue = tile_one(path, out, args, mpp)
+            rows.append({"slide": str(path), "patches": n, "tissue_fraction": f"{tissue:.4f}", "error": ""})
+            if not args.quiet:
+                tqdm.write(f"{path.name}: {n} patches, tissue {tissue:.1%}")
+        except NapariMilError as exc:
+            failures += 1
+            rows.append({"slide": str(path), "patches": 0, "tissue_fraction": "", "error": str(exc)})
+            tqdm.write(f"error: {exc}", file=sys.stderr)
+    summary = out / "tiling_summary.csv"
+    tmp = summary.with_name(summary.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["slide", "patches", "tissue_fraction", "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(summary)
+    return 1 if failures else 0
+
+
+def cmd_synthetic(args) -> int:
+    from napari_mil.synthetic import make_cohort, make_synthetic_slide
+
+    try:
+        if args.cohort:
+            csv_path = make_cohort(args.out, n_slides=args.cohort, seed=args.seed, width=args.width, height=args.height, mpp=args.mpp)
+            print(f"wrote {args.cohort} slides and {csv_path}")
+        else:
+            info = make_synthetic_slide(
+                args.out, width=args.width, height=args.height, mpp=args.mpp, seed=args.seed,
+                tumour_burden=args.tumour_burden, pen_marks=args.pen_marks, debris=args.debris,
+            )
+            print(f"wrote {info.path} (label {info.label}, tumour {info.tumour_fraction:.2%} of tissue)")
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from napari_mil._napari._demo import run_demo  # Qt is imported only here
+
+    summary = run_demo(headless=args.headless, slide=args.slide)
+    if args.headless:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="napari-mil", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"napari-mil {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("tile", help="detect tissue and write masks, patch grids and previews")
+    t.add_argument("slides", nargs="+", help="slide files, folders of slides, or CSVs with a 'path' column")
+    t.add_argument("--out", "-o", required=True, help="output folder (masks/, patches/, previews/)")
+    target = t.add_mutually_exclusive_group()
+    target.add_argument("--magnification", type=float, default=20.0, help="target magnification (default 20)")
+    target.add_argument("--target-mpp", type=float, default=None, help="target µm per pixel instead of a magnification")
+    t.add_argument("--patch-size", type=int, default=256, help="patch side in pixels at the target (default 256)")
+    t.add_argument("--overlap", type=int, default=0, help="pixels shared by neighbouring patches (default 0)")
+    t.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction per patch (default 0.5)")
+    t.add_argument("--preset", choices=["resection", "biopsy"], default="resection")
+    t.add_argument("--saturation-threshold", type=int, default=None, help="0-255; default Otsu")
+    t.add_argument("--min-tissue-area", type=float, default=None, help="smallest tissue piece kept, mm²")
+    t.add_argument("--mpp", type=float, default=None, help="µm per pixel for slides that record none")
+    t.add_argument("--quiet", "-q", action="store_true")
+    t.set_defaults(func=cmd_tile)
+
+    s = sub.add_parser("synthetic", help="write a synthetic H&E slide (or a cohort) with ground truth")
+    s.add_argument("out", help="output .tif (or a folder with --cohort)")
+    s.add_argument("--cohort", type=int, default=0, help="write this many labelled slides and labels.csv")
+    s.add_argument("--width", type=int, default=16384)
+    s.add_argument("--height", type=int, default=12288)
+    s.add_argument("--mpp", type=float, default=0.25)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tumour-burden", type=float, default=0.15, help="tumour fraction of the tissue (0: none)")
+    s.add_argument("--pen-marks", action="store_true")
+    s.add_argument("--debris", action="store_true")
+    s.set_defaults(func=cmd_synthetic)
+
+    d = sub.add_parser("demo", help="open napari with the docks and a sample slide, detected and tiled")
+    d.add_argument("--headless", metavar="OUT", default=None,
+                   help="run without interaction and write mask, grid, preview and screenshot to OUT")
+    d.add_argument("--slide", default="synthetic", help="'synthetic', 'cmu1' or a slide path")
+    d.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NapariMilError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Errors that reach users: each carries a one-line message that says what to do."""
+
+
+class NapariMilError(Exception):
+    """Base class for errors with a message meant for the user."""
+
+
+class SlideOpenError(NapariMilError):
+    """The file is missing, is not a slide, is corrupt or is in an unsupported format."""
+
+
+class MissingMppError(NapariMilError):
+    """The slide records no microns-per-pixel and none was given."""
+
+
+class InvalidMppError(NapariMilError, ValueError):
+    """A microns-per-pixel value outside the range any scanner produces."""
+
+
+class NoTissueError(NapariMilError):
+    """Tissue detection (or the user's edits) left no tissue to tile."""
+
+
+class GridError(NapariMilError, ValueError):
+    """Patch-grid parameters that cannot be satisfied on this slide."""
