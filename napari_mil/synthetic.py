@@ -4,8 +4,8 @@ A slide is a pyramidal, tiled, JPEG-compressed TIFF that OpenSlide reads as a ge
 level 0 and its downsampled levels are consecutive pages, and the resolution tags record the
 µm per pixel. Beside ``name.tif`` the generator writes the ground truth:
 
-- ``name.tissue.png`` and ``name.tumour.png``: masks at ``mask_downsample`` (one mask pixel
-  per ``mask_downsample`` level-0 pixels), 255 inside;
+- ``name.tissue.png``, ``name.tumour.png`` and ``name.artefacts.png`` (pen and debris): masks
+  at ``mask_downsample`` (one mask pixel per ``mask_downsample`` level-0 pixels), 255 inside;
 - ``name.json``: geometry, seed, the tumour fraction of the tissue and the slide label.
 
 Content is drawn from smooth random fields (tissue pieces, tumour regions) and a bank of
@@ -44,6 +44,7 @@ class SyntheticSlide:
     path: str
     tissue_mask_path: str
     tumour_mask_path: str
+    artefact_mask_path: str  # pen strokes and debris on the glass
     width: int
     height: int
     mpp: float
@@ -64,6 +65,9 @@ class SyntheticSlide:
 
     def tumour_mask(self) -> np.ndarray:
         return _read_png(self.tumour_mask_path) > 127
+
+    def artefact_mask(self) -> np.ndarray:
+        return _read_png(self.artefact_mask_path) > 127
 
 
 def _read_png(path: str) -> np.ndarray:
@@ -358,8 +362,11 @@ def make_synthetic_slide(
     tumour_png = Path(f"{stem}.tumour.png")
     _write_png(tissue_png, tissue)
     _write_png(tumour_png, tumour)
+    artefact_png = Path(f"{stem}.artefacts.png")
+    _write_png(artefact_png, pen | specks)
     info = SyntheticSlide(
         path=str(path), tissue_mask_path=str(tissue_png), tumour_mask_path=str(tumour_png),
+        artefact_mask_path=str(artefact_png),
         width=width, height=height, mpp=mpp, mask_downsample=ds, seed=seed,
         tumour_fraction=float(tumour.sum() / max(tissue.sum(), 1)), label=int(tumour.any()),
         pen_marks=bool(pen.any()), debris=bool(specks.any()),
@@ -393,9 +400,12 @@ def make_cohort(
     n_pos = int(round(n_slides * positive_fraction))
     labels = np.array([1] * n_pos + [0] * (n_slides - n_pos))
     rng.shuffle(labels)
-    order = np.argsort(-labels, kind="stable")  # pair slides of the same label into patients
-    patient_of = np.empty(n_slides, int)
-    patient_of[order] = np.arange(n_slides) // 2
+    patient_of = np.empty(n_slides, int)  # pair slides of the same label into patients
+    next_id = 0
+    for label in (1, 0):
+        members = np.flatnonzero(labels == label)
+        patient_of[members] = next_id + np.arange(len(members)) // 2
+        next_id += (len(members) + 1) // 2
     rows = []
     lo, hi = np.log(burden_range[0]), np.log(burden_range[1])
     for i in range(n_slides):

@@ -1,0 +1,70 @@
+"""The package: light import, the manifest at the top level and inside the installed package."""
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_import_pulls_neither_torch_nor_qt():
+    code = (
+        "import sys, napari_mil, napari_mil.slide, napari_mil.tissue, napari_mil.tiling, napari_mil.synthetic;"
+        "heavy = [m for m in ('torch', 'qtpy', 'PyQt5', 'PyQt6', 'PySide6', 'napari', 'magicgui') if m in sys.modules];"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"importing the core pulled in {out.stdout.strip()}"
+
+
+def test_import_does_not_touch_the_network():
+    code = (
+        "import socket\n"
+        "def refuse(*a, **k): raise AssertionError('network used at import')\n"
+        "socket.socket.connect = refuse\n"
+        "socket.create_connection = refuse\n"
+        "import napari_mil, napari_mil.cli, napari_mil.slide, napari_mil.tiling\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_core_modules_never_import_qt():
+    core = [p for p in (ROOT / "napari_mil").rglob("*.py") if "_napari" not in p.parts]
+    for path in core:
+        text = path.read_text()
+        for qt in ("qtpy", "PyQt5", "PyQt6", "PySide", "magicgui", "napari.qt", "superqt"):
+            assert f"import {qt}" not in text and f"from {qt}" not in text, f"{path.name} imports {qt}"
+
+
+def test_top_level_manifest_is_the_shipped_one():
+    top = ROOT / "napari.yaml"
+    shipped = ROOT / "napari_mil" / "napari.yaml"
+    assert top.read_text() == shipped.read_text()
+
+
+def test_installed_manifest_validates_and_every_command_imports():
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_distribution("napari-mil")
+    manifest.validate_imports()  # raises when a python_name cannot be imported
+    raw = yaml.safe_load((ROOT / "napari.yaml").read_text())
+    ids = {c["id"] for c in raw["contributions"]["commands"]}
+    assert {c.id for c in manifest.contributions.commands} == ids
+    for command in manifest.contributions.commands:
+        module, attr = command.python_name.split(":")
+        assert callable(getattr(importlib.import_module(module), attr))
+    out = subprocess.run([Path(sys.executable).with_name("npe2"), "validate", "napari-mil"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_reader_patterns_cover_the_openslide_formats():
+    from napari_mil.slide.base import OPENSLIDE_EXTENSIONS
+
+    raw = yaml.safe_load((ROOT / "napari.yaml").read_text())
+    patterns = raw["contributions"]["readers"][0]["filename_patterns"]
+    for ext in OPENSLIDE_EXTENSIONS:
+        assert f"*{ext}" in patterns
