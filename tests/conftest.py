@@ -60,5 +60,6 @@ def write_tiff(path, image, tile=None, resolution=None, unit=None, **kwargs):
 def rgb_image():
     rng = np.random.default_rng(0)
     img = np.full((600, 800, 3), 240, np.uint8)
-    img[100:500, 200:600] = rng.integers(120, 200, (400, 400, 3))
+    # an H&E-pink block with pixel noise
+    img[100:500, 200:600] = np.clip(np.array([200, 110, 170]) + rng.normal(0, 12, (400, 400, 3)), 0, 255)
     return img
