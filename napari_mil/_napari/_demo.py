@@ -11,16 +11,14 @@ import time
 from pathlib import Path
 
 
-def _wait(worker, timeout: float = 120.0) -> None:
-    """Process Qt events until a thread worker has finished (or raise on timeout)."""
+def _wait(widget, worker, timeout: float = 120.0) -> None:
+    """Process Qt events until a worker started by ``widget`` has delivered its result."""
     from qtpy.QtWidgets import QApplication
 
     if worker is None:
-        raise RuntimeError("the step did not start; see the dock's status line")
-    done = []
-    worker.finished.connect(lambda: done.append(True))
+        raise RuntimeError(f"the step did not start: {widget.status.value}")
     start = time.perf_counter()
-    while not done:
+    while widget.is_running(worker):
         QApplication.processEvents()
         time.sleep(0.005)
         if time.perf_counter() - start > timeout:
@@ -44,8 +42,8 @@ def run_demo(headless: str | Path | None = None, slide: str = "synthetic") -> di
     else:
         viewer.open(slide, plugin="napari-mil")
     t_open = time.perf_counter() - t0
-    _wait(widget.detect())
-    _wait(widget.tile())
+    _wait(widget, widget.detect())
+    _wait(widget, widget.tile())
     timings = {"open_s": round(t_open, 2), "total_s": round(time.perf_counter() - t0, 2)}
     if headless is None:
         napari.run()

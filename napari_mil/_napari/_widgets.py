@@ -118,7 +118,11 @@ class SlideTissueWidget(Container):
         return self.state.slide
 
     def _start(self, worker, on_done):
-        """Run a thread worker, routing its result to ``on_done`` and errors to a notification."""
+        """Run a thread worker, routing its result to ``on_done`` and errors to a notification.
+
+        Workers are created with ``_ignore_errors=True``: the errored handler here replaces
+        napari's default re-raise in the main thread, which would bypass the notification.
+        """
         self._workers.add(worker)
         worker.returned.connect(on_done)
         worker.errored.connect(lambda exc: self._say(_user_message(exc), error=True))
@@ -194,7 +198,7 @@ class SlideTissueWidget(Container):
             return None
         params = self.tissue_params()
         self.status.value = f"detecting tissue on {slide.name}..."
-        return self._start(create_worker(detect_tissue, slide, params), self._show_mask)
+        return self._start(create_worker(detect_tissue, slide, params, _ignore_errors=True), self._show_mask)
 
     def mask_layer_name(self) -> str:
         return f"{self.state.slide.name} tissue"
@@ -263,7 +267,7 @@ class SlideTissueWidget(Container):
             self._say(str(exc), error=True)
             return None
         self.status.value = f"tiling {slide.name}..."
-        return self._start(create_worker(make_patch_grid, slide, mask, **self.grid_params()), self._show_grid)
+        return self._start(create_worker(make_patch_grid, slide, mask, _ignore_errors=True, **self.grid_params()), self._show_grid)
 
     def _show_grid(self, grid) -> None:
         from napari_mil._napari._layers import grid_layer_data
@@ -298,6 +302,10 @@ class SlideTissueWidget(Container):
             return None
         self._say(f"saved {len(grid)} patch coordinates to {written}")
         return written
+
+    def is_running(self, worker) -> bool:
+        """Whether a worker started by this dock has yet to deliver its result."""
+        return worker in self._workers
 
     # ---- lifetime -------------------------------------------------------------------
     def stop_workers(self) -> None:
