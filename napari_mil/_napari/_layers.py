@@ -6,11 +6,14 @@ of one slide uses the same convention, so they overlay exactly.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from napari_mil.slide.base import Slide
-from napari_mil.tiling import PatchGrid
-from napari_mil.tissue import TissueMask
+if TYPE_CHECKING:  # keep scipy out of the reader's import path: it is not needed to show a slide
+    from napari_mil.slide.base import Slide
+    from napari_mil.tiling import PatchGrid
+    from napari_mil.tissue import TissueMask
 
 # Above this many patches the grid is drawn as one dot per patch instead of outlines.
 MAX_OUTLINED_PATCHES = 20_000
