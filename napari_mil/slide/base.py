@@ -182,7 +182,7 @@ def rgba_to_rgb(rgba: np.ndarray, background: tuple[int, int, int] = (255, 255, 
     rgb = rgba[..., :3]
     alpha = rgba[..., 3]
     if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
+        return rgb  # a strided view: copying here would cost as much as a third of the decode
     a = alpha[..., None].astype(np.uint16)
     bg = np.asarray(background, dtype=np.uint16)
     out = (rgb.astype(np.uint16) * a + bg * (255 - a) + 127) // 255
