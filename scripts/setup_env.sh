@@ -46,11 +46,16 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
     say "installing torch $TORCH_VERSION (CUDA build)"
     "${PIP[@]}" install -q "torch==$TORCH_VERSION"
   else
-    # CPU build: a locally provided wheel if pip's configuration has one, else PyTorch's CPU
-    # index. Plain PyPI would pull several GB of CUDA libraries this machine cannot use.
+    # CPU build. A torch wheel that pip's configuration provides locally comes first (its
+    # dependencies then come from the index); otherwise PyTorch's CPU index. Plain PyPI would
+    # pull several GB of CUDA libraries that a machine without a GPU cannot use.
     say "installing torch $TORCH_VERSION (CPU build)"
-    "${PIP[@]}" install -q --no-index "torch==$TORCH_VERSION" 2>/dev/null \
-      || "${PIP[@]}" install -q "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+    if "${PIP[@]}" install -q --no-index --no-deps "torch==$TORCH_VERSION" >/dev/null 2>&1; then
+      "${PIP[@]}" install -q "torch==$TORCH_VERSION"
+    else
+      "${PIP[@]}" install -q "torch==$TORCH_VERSION" \
+        --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+    fi
   fi
 fi
 

@@ -68,3 +68,23 @@ def test_reader_patterns_cover_the_openslide_formats():
     patterns = raw["contributions"]["readers"][0]["filename_patterns"]
     for ext in OPENSLIDE_EXTENSIONS:
         assert f"*{ext}" in patterns
+
+
+def test_built_wheel_ships_the_manifest(tmp_path):
+    """The wheel carries napari.yaml inside the package and points napari at it."""
+    import zipfile
+
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    wheel = next(tmp_path.glob("napari_mil-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        assert "napari_mil/napari.yaml" in names
+        assert "napari_mil/data/CMU-1-Small-Region.svs" in names
+        entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+        manifest = yaml.safe_load(zf.read("napari_mil/napari.yaml"))
+    assert "napari-mil = napari_mil:napari.yaml" in entry_points
+    assert manifest["name"] == "napari-mil"

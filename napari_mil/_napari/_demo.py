@@ -27,6 +27,10 @@ def _wait(widget, worker, timeout: float = 120.0) -> None:
 
 
 def run_demo(headless: str | Path | None = None, slide: str = "synthetic") -> dict:
+    import warnings
+
+    # napari's notice about PyQt5's deprecation would cover the demo's canvas; PyQt6 is tested too
+    warnings.filterwarnings("ignore", message="napari support for the PyQt5 backend is deprecated")
     import napari
     import numpy as np
     from PIL import Image
@@ -44,6 +48,7 @@ def run_demo(headless: str | Path | None = None, slide: str = "synthetic") -> di
     t_open = time.perf_counter() - t0
     _wait(widget, widget.detect())
     _wait(widget, widget.tile())
+    viewer.reset_view()
     timings = {"open_s": round(t_open, 2), "total_s": round(time.perf_counter() - t0, 2)}
     if headless is None:
         napari.run()

@@ -85,6 +85,7 @@ class SlideTissueWidget(Container):
         self.save_button.clicked.connect(self.save_grid)
         self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
         self.native.setMaximumWidth(460)  # leave the canvas most of the window
+        self.status.native.setWordWrap(True)
         self._apply_preset(self.preset.value)
         for layer in self.viewer.layers:  # a slide opened before the dock
             self._adopt(layer)
