@@ -1,6 +1,8 @@
 """Command line: the same core functions as the napari docks.
 
     napari-mil tile SLIDE|FOLDER|CSV ... --out DIR
+    napari-mil extract SLIDE|FOLDER|CSV ... --out DIR [--encoder NAME]
+    napari-mil encoders
     napari-mil synthetic OUT.tif | --cohort N OUT_DIR
     napari-mil demo [--headless OUT]
 """
@@ -114,6 +116,90 @@ def cmd_tile(args) -> int:
     return 1 if failures else 0
 
 
+def _grid_for(path: Path, out: Path, args, mpp: float | None):
+    """The slide's grid: reused from OUT/patches/<slide>.h5 when present, else tiled now."""
+    from napari_mil.slide import open_slide
+    from napari_mil.tiling import PatchGrid
+
+    with open_slide(path, mpp=mpp if mpp is not None else args.mpp) as slide:
+        grid_file = out / "patches" / f"{slide.name}.h5"
+        if grid_file.exists():
+            return slide.mpp, PatchGrid.load(grid_file, slide=slide)
+    tile_one(path, out, args, mpp)
+    with open_slide(path, mpp=mpp if mpp is not None else args.mpp) as slide:
+        return slide.mpp, PatchGrid.load(grid_file, slide=slide)
+
+
+def cmd_extract(args) -> int:
+    import platform
+    import time
+    import warnings
+
+    from tqdm import tqdm
+
+    from napari_mil.encoders import create_encoder
+    from napari_mil.features.extract import extract_features
+
+    try:
+        slides = expand_inputs(args.slides)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            encoder = create_encoder(args.encoder, weights=args.weights, device=args.device)
+        for w in caught:
+            print(f"warning: {w.message}", file=sys.stderr)
+    except NapariMilError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, failures = [], 0
+    for path, mpp in slides:
+        t0 = time.perf_counter()
+        try:
+            slide_mpp, grid = _grid_for(path, out, args, mpp)
+            bar = tqdm(total=len(grid), desc=path.name, unit="tile", disable=args.quiet, leave=False)
+
+            def progress(p, bar=bar):
+                bar.n = p.done
+                bar.set_postfix(tiles_s=f"{p.tiles_per_s:.0f}", eta=f"{p.eta_s:.0f}s", batch=p.batch_size, refresh=False)
+                bar.refresh()
+
+            result = extract_features(
+                path, grid, encoder, out, batch_size=args.batch_size, num_workers=args.workers,
+                dtype=args.dtype, mpp=slide_mpp, progress=progress,
+            )
+            bar.close()
+            state = "cached" if result.cached else (f"resumed at {result.resumed_from}" if result.resumed_from else "extracted")
+            if not args.quiet:
+                tqdm.write(f"{path.name}: {len(result.bag)} x {result.bag.dim} features, {state}, "
+                           f"{result.seconds:.1f} s" + (f", {result.skipped} unreadable patches skipped" if result.skipped else ""))
+            runs.append({"slide": str(path), "features": str(result.path), "patches": len(result.bag),
+                         "state": state, "seconds": round(result.seconds, 3), "tiles_per_s": round(result.tiles_per_s, 1),
+                         "skipped": result.skipped, "batch_size": result.batch_size})
+        except NapariMilError as exc:
+            failures += 1
+            runs.append({"slide": str(path), "error": str(exc), "seconds": round(time.perf_counter() - t0, 3)})
+            tqdm.write(f"error: {exc}", file=sys.stderr)
+    import torch
+
+    import napari_mil
+
+    manifest = {
+        "command": "extract", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {"napari_mil": napari_mil.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "encoder": {"name": encoder.name, "weights_hash": encoder.weights_hash, "dim": encoder.dim,
+                    "precision": str(encoder.precision), "device": str(encoder.device)},
+        "parameters": {k: v for k, v in vars(args).items() if k not in ("func", "slides")},
+        "slides": runs,
+    }
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = out / f"extract_manifest_{stamp}.json"
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    tmp.replace(target)
+    return 1 if failures else 0
+
+
 def cmd_synthetic(args) -> int:
     from napari_mil.synthetic import make_cohort, make_synthetic_slide
 
@@ -142,6 +228,31 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _add_grid_options(p: argparse.ArgumentParser) -> None:
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--magnification", type=float, default=20.0, help="target magnification (default 20)")
+    target.add_argument("--target-mpp", type=float, default=None, help="target µm per pixel instead of a magnification")
+    p.add_argument("--patch-size", type=int, default=256, help="patch side in pixels at the target (default 256)")
+    p.add_argument("--overlap", type=int, default=0, help="pixels shared by neighbouring patches (default 0)")
+    p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction per patch (default 0.5)")
+    p.add_argument("--preset", choices=["resection", "biopsy"], default="resection")
+    p.add_argument("--saturation-threshold", type=int, default=None, help="0-255; default Otsu")
+    p.add_argument("--min-tissue-area", type=float, default=None, help="smallest tissue piece kept, mm²")
+    p.add_argument("--mpp", type=float, default=None, help="µm per pixel for slides that record none")
+    p.add_argument("--quiet", "-q", action="store_true")
+
+
+def cmd_encoders(args) -> int:
+    from napari_mil.encoders import DEFAULT_ENCODER, list_encoders
+
+    for spec in list_encoders():
+        mark = " (default)" if spec.name == DEFAULT_ENCODER else ""
+        dim = f"{spec.dim}-d" if spec.dim else "?-d"
+        needs = f"  [needs {spec.needs}]" if spec.needs else ""
+        print(f"{spec.name:16s} {dim:>7s}  {spec.description}{mark}{needs}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="napari-mil", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"napari-mil {__version__}")
@@ -150,17 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tile", help="detect tissue and write masks, patch grids and previews")
     t.add_argument("slides", nargs="+", help="slide files, folders of slides, or CSVs with a 'path' column")
     t.add_argument("--out", "-o", required=True, help="output folder (masks/, patches/, previews/)")
-    target = t.add_mutually_exclusive_group()
-    target.add_argument("--magnification", type=float, default=20.0, help="target magnification (default 20)")
-    target.add_argument("--target-mpp", type=float, default=None, help="target µm per pixel instead of a magnification")
-    t.add_argument("--patch-size", type=int, default=256, help="patch side in pixels at the target (default 256)")
-    t.add_argument("--overlap", type=int, default=0, help="pixels shared by neighbouring patches (default 0)")
-    t.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction per patch (default 0.5)")
-    t.add_argument("--preset", choices=["resection", "biopsy"], default="resection")
-    t.add_argument("--saturation-threshold", type=int, default=None, help="0-255; default Otsu")
-    t.add_argument("--min-tissue-area", type=float, default=None, help="smallest tissue piece kept, mm²")
-    t.add_argument("--mpp", type=float, default=None, help="µm per pixel for slides that record none")
-    t.add_argument("--quiet", "-q", action="store_true")
+    _add_grid_options(t)
     t.set_defaults(func=cmd_tile)
 
     s = sub.add_parser("synthetic", help="write a synthetic H&E slide (or a cohort) with ground truth")
@@ -174,6 +275,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pen-marks", action="store_true")
     s.add_argument("--debris", action="store_true")
     s.set_defaults(func=cmd_synthetic)
+
+    e = sub.add_parser("extract", help="encode the patches of slides into feature files (resumable, cached)")
+    e.add_argument("slides", nargs="+", help="slide files, folders of slides, or CSVs with a 'path' column")
+    e.add_argument("--out", "-o", required=True, help="output folder: patches/ (grids) and features_<encoder>/")
+    e.add_argument("--encoder", default="hne_stats", help="encoder name (napari-mil encoders lists them), "
+                   "torchscript:PATH or module:pkg.mod:fn")
+    e.add_argument("--weights", default=None, help="local weights file for the encoder")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--workers", type=int, default=None, help="patch-reading processes (default: up to 4)")
+    e.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="on-disk precision")
+    _add_grid_options(e)
+    e.set_defaults(func=cmd_extract)
+
+    enc = sub.add_parser("encoders", help="list the available encoders")
+    enc.set_defaults(func=cmd_encoders)
 
     d = sub.add_parser("demo", help="open napari with the docks and a sample slide, detected and tiled")
     d.add_argument("--headless", metavar="OUT", default=None,

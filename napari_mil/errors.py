@@ -23,3 +23,15 @@ class NoTissueError(NapariMilError):
 
 class GridError(NapariMilError, ValueError):
     """Patch-grid parameters that cannot be satisfied on this slide."""
+
+
+class EncoderError(NapariMilError):
+    """An encoder that cannot be created: unknown name, bad weights, unauthorised hub model."""
+
+
+class FeatureStoreError(NapariMilError):
+    """A feature file that cannot be read or does not fit what is asked of it."""
+
+
+class ExtractionCancelled(NapariMilError):
+    """Feature extraction stopped on request; finished chunks are kept on disk."""

@@ -298,14 +298,21 @@ def make_patch_grid(
     )
 
 
-def read_patch(slide: Slide, grid: PatchGrid, index: int) -> np.ndarray:
-    """The patch as the encoder will see it: read at ``grid.level`` and resized to ``patch_size``."""
+def read_patch(slide: Slide, grid: PatchGrid, index: int, out_size: int | None = None) -> np.ndarray:
+    """The patch read at ``grid.level`` and resized to ``patch_size`` (or straight to
+    ``out_size``, e.g. an encoder's input side, in one resampling step)."""
     from PIL import Image
 
     x, y = grid.coords[index]
-    img = slide.read_region((int(x), int(y)), grid.level, (grid.patch_size_level, grid.patch_size_level))
-    if grid.patch_size_level != grid.patch_size:
-        img = np.asarray(Image.fromarray(img).resize((grid.patch_size, grid.patch_size), Image.Resampling.BILINEAR))
+    size_level, size = grid.patch_size_level, out_size or grid.patch_size
+    img = slide.read_region((int(x), int(y)), grid.level, (size_level, size_level))
+    if size_level != size:
+        pil = Image.fromarray(np.ascontiguousarray(img))
+        if size_level % size == 0:  # integer factor: area average
+            pil = pil.reduce(size_level // size)
+        else:
+            pil = pil.resize((size, size), Image.Resampling.BILINEAR)
+        img = np.asarray(pil)
     return img
 
 

@@ -1,0 +1,1 @@
+"""Patch features: the extraction pipeline and the HDF5 feature store."""

@@ -1,0 +1,178 @@
+"""The feature store: one HDF5 file per slide and encoder, in the layout TRIDENT and CLAM use.
+
+    <root>/features_<encoder>/<slide>.h5
+        features   (N, D) float16 or float32
+        coords     (N, 2) int64, level-0 (x, y) of each patch's top-left corner
+        skipped_coords (M, 2) int64, patches that could not be read (napari-mil only)
+        attrs (file and ``features``): encoder, weights_hash, dim, cache_key, patch geometry, mpp
+
+TRIDENT writes the same two datasets (its ``coords`` carry the patch attrs); CLAM's
+``h5_files/<slide>.h5`` has them without attrs. ``FeatureBag.load`` reads all three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from napari_mil.errors import FeatureStoreError
+
+
+@dataclass(eq=False)
+class FeatureBag:
+    """A slide's patch features and their level-0 coordinates."""
+
+    features: np.ndarray  # (N, D)
+    coords: np.ndarray  # (N, 2) int64, level-0 (x, y)
+    attrs: dict = field(default_factory=dict)
+    skipped_coords: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def encoder(self) -> str:
+        return str(self.attrs.get("encoder", "unknown"))
+
+    def require_dim(self, expected: int, what: str = "the model") -> None:
+        """Raise a clear error when the features do not have the dimension ``what`` expects."""
+        if self.dim != expected:
+            raise FeatureStoreError(
+                f"features have {self.dim} dimensions (encoder {self.encoder}) but {what} expects {expected}: "
+                "extract features with the encoder the model was trained on"
+            )
+
+    def save(self, path: str | os.PathLike, dtype=np.float32) -> Path:
+        """Write atomically: a temporary file in the same folder renamed into place."""
+        import h5py
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with h5py.File(tmp, "w") as fh:
+                feats = fh.create_dataset("features", data=np.asarray(self.features, dtype=dtype))
+                coords = fh.create_dataset("coords", data=np.asarray(self.coords, dtype=np.int64).reshape(-1, 2))
+                fh.create_dataset("skipped_coords", data=np.asarray(self.skipped_coords, np.int64).reshape(-1, 2))
+                for key, value in self.attrs.items():
+                    value = _attr(value)
+                    fh.attrs[key] = value
+                    feats.attrs[key] = value
+                for key in ("patch_size", "patch_size_level0", "level0_magnification", "target_magnification", "overlap", "name"):
+                    if key in self.attrs:
+                        coords.attrs[key] = _attr(self.attrs[key])
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise _disk_error(exc, path) from None
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FeatureBag:
+        """Read a bag written by napari-mil, TRIDENT or CLAM."""
+        import h5py
+
+        path = Path(path)
+        if not path.exists():
+            raise FeatureStoreError(f"feature file {path} does not exist")
+        try:
+            with h5py.File(path, "r") as fh:
+                if "features" not in fh or "coords" not in fh:
+                    raise FeatureStoreError(f"{path.name} is not a feature file: it needs 'features' and 'coords' datasets")
+                features = np.asarray(fh["features"][:])
+                coords = np.asarray(fh["coords"][:], np.int64)
+                attrs = {k: _plain(v) for k, v in fh["coords"].attrs.items()}
+                attrs.update({k: _plain(v) for k, v in fh["features"].attrs.items()})
+                attrs.update({k: _plain(v) for k, v in fh.attrs.items()})
+                skipped = np.asarray(fh["skipped_coords"][:], np.int64) if "skipped_coords" in fh else np.zeros((0, 2), np.int64)
+        except OSError as exc:
+            raise FeatureStoreError(f"cannot read {path.name}: {exc}") from None
+        if features.ndim == 3 and features.shape[0] == 1:  # some pipelines keep a batch axis
+            features = features[0]
+        coords = coords.reshape(-1, 2)
+        if features.ndim != 2 or len(features) != len(coords):
+            raise FeatureStoreError(f"{path.name}: features {features.shape} do not match coords {coords.shape}")
+        return cls(features, coords, attrs, skipped)
+
+
+def feature_path(root: str | os.PathLike, encoder: str, slide_name: str) -> Path:
+    """Where a slide's features for an encoder live (TRIDENT's folder naming)."""
+    safe = encoder.replace("/", "_").replace(":", "_")
+    return Path(root) / f"features_{safe}" / f"{slide_name}.h5"
+
+
+def slide_identity(path: str | os.PathLike) -> str:
+    """Cheap identity of a slide file: name, size and hashes of its first and last 64 KiB."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    size = path.stat().st_size if path.is_file() else 0
+    digest.update(f"{path.name}:{size}".encode())
+    if path.is_file():
+        with open(path, "rb") as fh:
+            digest.update(fh.read(65536))
+            fh.seek(max(0, size - 65536))
+            digest.update(fh.read(65536))
+    return digest.hexdigest()[:16]
+
+
+def cache_key(slide_path, grid, encoder_name: str, weights_hash: str, dtype: str) -> str:
+    """What makes a feature file reusable: the slide, the grid, the encoder and its weights."""
+    digest = hashlib.sha256()
+    digest.update(slide_identity(slide_path).encode())
+    digest.update(np.ascontiguousarray(grid.coords, np.int64).tobytes())
+    geometry = (grid.patch_size, grid.patch_size_level, grid.level, grid.patch_size_level0)
+    digest.update(json.dumps([geometry, encoder_name, weights_hash, dtype]).encode())
+    return digest.hexdigest()[:24]
+
+
+def cached_bag(path: Path, key: str) -> FeatureBag | None:
+    """The stored bag when it exists and was made from the same inputs, else None."""
+    if not path.exists():
+        return None
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as fh:
+            if _plain(fh.attrs.get("cache_key", "")) != key:
+                return None
+    except OSError:
+        return None
+    return FeatureBag.load(path)
+
+
+def _disk_error(exc: OSError, path: Path) -> FeatureStoreError | OSError:
+    if getattr(exc, "errno", None) == 28 or "No space left" in str(exc):
+        return FeatureStoreError(
+            f"the disk is full while writing {path.name}; finished chunks are kept, free some space and run "
+            "again to resume"
+        )
+    return exc
+
+
+def _attr(value):
+    if value is None:
+        return "None"
+    if isinstance(value, (dict, list, tuple)) and not (isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value)):
+        return json.dumps(value)
+    return value
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray) and value.shape == ():
+        return value.item()
+    return value
