@@ -91,16 +91,25 @@ def end_to_end(slide_path, grid, encoder, batch_size, workers) -> tuple[float, f
     return len(grid) / seconds, cached_s, peak
 
 
-def measure(slide_path, grid, encoder, batch_size, workers) -> dict:
-    read_tps, batches = read_only(slide_path, grid, encoder, batch_size, workers)
-    enc_tps = encoder_only(encoder, batches)
-    e2e_tps, cached_s, peak = end_to_end(slide_path, grid, encoder, batch_size, workers)
+def measure(slide_path, grid, encoder, batch_size, workers, rounds: int = 3) -> dict:
+    """Read-only, encoder-only and end-to-end, interleaved over ``rounds``; medians reported."""
+    import statistics
+
+    reads, encs, e2es = [], [], []
+    for _ in range(rounds):
+        read_tps, batches = read_only(slide_path, grid, encoder, batch_size, workers)
+        reads.append(read_tps)
+        encs.append(encoder_only(encoder, batches))
+        e2e_tps, cached_s, peak = end_to_end(slide_path, grid, encoder, batch_size, workers)
+        e2es.append(e2e_tps)
+    read_tps, enc_tps, e2e_tps = statistics.median(reads), statistics.median(encs), statistics.median(e2es)
     return {
         "encoder": encoder.name, "device": str(encoder.device), "precision": str(encoder.precision),
         "patches": len(grid), "batch_size": batch_size, "workers": workers,
         "read_only_tiles_per_s": round(read_tps, 1), "encoder_only_tiles_per_s": round(enc_tps, 1),
         "end_to_end_tiles_per_s": round(e2e_tps, 1),
         "pipeline_efficiency": round(e2e_tps / min(read_tps, enc_tps), 3),
+        "rounds": {"read_only": [round(v, 1) for v in reads], "end_to_end": [round(v, 1) for v in e2es]},
         "seconds_per_slide": round(len(grid) / e2e_tps, 2), "cached_rerun_s": round(cached_s, 3),
         "peak_gpu_memory_gib": round(peak, 2),
     }

@@ -243,6 +243,13 @@ def test_rerun_uses_the_cache_and_other_inputs_do_not(tmp_path, synthetic_slide,
     fewer = make_patch_grid_subset(synthetic_grid, 10)
     changed = extract_features(synthetic_slide.path, fewer, hne, tmp_path, num_workers=0)
     assert not changed.cached and len(changed.bag) == 10
+    # the same encoder with other preprocessing is another encoder as far as the cache goes
+    from dataclasses import replace
+
+    from napari_mil.encoders.transforms import BatchTransform
+
+    finer = replace(hne, transform=BatchTransform(128, None, (0, 0, 0), (1, 1, 1)), input_size=128)
+    assert not extract_features(synthetic_slide.path, fewer, finer, tmp_path, num_workers=0).cached
 
 
 def make_patch_grid_subset(grid, n):

@@ -46,45 +46,54 @@ def _hne_module():
         return _box1d(_box1d(x, k, 2), k, 3)
 
     class HnEStats(nn.Module):
-        """(B, 3, S, S) RGB in [0, 1] -> (B, 38) stain and texture statistics."""
+        """(B, 3, S, S) RGB in [0, 1] -> (B, 38) stain and texture statistics.
+
+        Any change to what it computes must bump the version in ``weights_hash`` (part of the
+        cache key, with the input size and transform).
+        """
 
         def __init__(self):
             super().__init__()
             m = torch.tensor(RUIFROK)
             m = m / m.norm(dim=1, keepdim=True)
-            self.register_buffer("unmix", torch.linalg.inv(m))  # OD (rgb) -> concentrations
-            self.register_buffer("levels", torch.tensor(STAIN_LEVELS).view(1, -1, 1))
+            # OD (rgb) -> haematoxylin and eosin concentrations, as a 1x1 convolution
+            self.register_buffer("unmix", torch.linalg.inv(m)[:, :2].T.contiguous().view(2, 3, 1, 1))
+            self.register_buffer("levels", torch.tensor(STAIN_LEVELS).view(1, 1, -1, 1))
+            self.register_buffer("dog_levels", torch.tensor((0.1, 0.3)).view(1, 1, -1, 1))
 
         def forward(self, x):  # (B, 3, S, S)
-            b = x.shape[0]
             od = -torch.log((x * 255.0 + 1.0) / 256.0)  # (B, 3, S, S)
-            conc = torch.einsum("bchw,cd->bdhw", od, self.unmix)  # (B, 3, S, S): H, E, residual
-            h, e = conc[:, 0], conc[:, 1]
-            tissue = (od.sum(1) > 0.3).float().flatten(1).mean(1, keepdim=True)  # (B, 1)
-            feats = [tissue]
-            for stain in (h, e):
-                flat = stain.flatten(1)  # (B, N)
-                feats += [flat.mean(1, keepdim=True), flat.std(1, keepdim=True)]
-                feats.append((flat.unsqueeze(1) > self.levels).float().mean(2))  # (B, 5)
-            rgb = x.flatten(2)
-            feats += [rgb.mean(2), rgb.std(2)]  # (B, 3) each
-            mx, mn = x.max(1).values, x.min(1).values
-            sat = ((mx - mn) / mx.clamp_min(1e-3)).flatten(1)
-            feats += [sat.mean(1, keepdim=True), sat.std(1, keepdim=True)]
-            hh = h.unsqueeze(1)  # (B, 1, S, S)
-            blurred = {k: _box(hh, k) for k in (3, 5, 9, 19)}
-            blurred[1] = hh
-            for fine, coarse in ((1, 3), (3, 9), (5, 19)):  # nuclear scales: difference of box blurs
-                dog = (blurred[fine] - blurred[coarse]).flatten(1)
-                feats += [dog.clamp_min(0).mean(1, keepdim=True), dog.std(1, keepdim=True),
-                          (dog > 0.1).float().mean(1, keepdim=True), (dog > 0.3).float().mean(1, keepdim=True)]
+            conc = F.conv2d(od, self.unmix)  # (B, 2, S, S): H, E
+            hh = conc[:, :1]  # (B, 1, S, S) haematoxylin
+            mn, mx = torch.aminmax(x, dim=1, keepdim=True)
+            sat = (mx - mn) / mx.clamp_min(1e-3)  # (B, 1, S, S)
+            b3, b5, b9, b19 = (_box(hh, k) for k in (3, 5, 9, 19))
+            dogs = torch.cat([hh - b3, b3 - b9, b5 - b19], 1)  # (B, 3, S, S): nuclear scales
+            # every per-pixel map in one tensor: one pass each for mean, mean square, thresholds
+            maps = torch.cat([conc, x, sat, dogs], 1).flatten(2)  # (B, 9, N): H, E, R, G, B, sat, 3 DoG
+            n = maps.shape[2]
+            mean = maps.mean(2)  # (B, 9)
+            std = ((maps * maps).mean(2) - mean * mean).clamp_min(0).sqrt()  # (B, 9)
+            stain_levels = (maps[:, :2, None, :] > self.levels).sum(3, dtype=maps.dtype) / n  # (B, 2, 5)
+            dog_maps = maps[:, 6:]  # (B, 3, N)
+            dog_pos = dog_maps.clamp_min(0).mean(2)  # (B, 3)
+            dog_frac = (dog_maps[:, :, None, :] > self.dog_levels).sum(3, dtype=maps.dtype) / n  # (B, 3, 2)
+            tissue = (od.sum(1) > 0.3).flatten(1).sum(1, keepdim=True, dtype=maps.dtype) / n  # (B, 1)
+            grads = []
             for k in (1, 2, 4):  # gradient energy of the haematoxylin image at three scales
                 hk = F.avg_pool2d(hh, k) if k > 1 else hh
                 gy = (hk[..., 1:, :] - hk[..., :-1, :]).abs().flatten(1).mean(1, keepdim=True)
                 gx = (hk[..., :, 1:] - hk[..., :, :-1]).abs().flatten(1).mean(1, keepdim=True)
-                feats.append(gx + gy)
-            out = torch.cat(feats, dim=1)
-            return out.view(b, -1)
+                grads.append(gx + gy)
+            per_dog = torch.stack([dog_pos, std[:, 6:], dog_frac[..., 0], dog_frac[..., 1]], 2).flatten(1)  # (B, 12)
+            return torch.cat([
+                tissue,
+                mean[:, :1], std[:, :1], stain_levels[:, 0],  # haematoxylin
+                mean[:, 1:2], std[:, 1:2], stain_levels[:, 1],  # eosin
+                mean[:, 2:5], std[:, 2:5],  # RGB
+                mean[:, 5:6], std[:, 5:6],  # saturation
+                per_dog, *grads,
+            ], 1)  # (B, 38)
 
     return HnEStats()
 
@@ -101,7 +110,7 @@ def build_hne_stats(weights=None, device=None) -> Encoder:
         raise EncoderError("hne_stats is a fixed function and takes no weights file")
     model = _hne_module().to(device).eval()
     transform = BatchTransform(resize=HNE_INPUT, crop=None, mean=(0, 0, 0), std=(1, 1, 1))
-    return Encoder("hne_stats", model, transform, torch.float32, 38, HNE_INPUT, "fixed-v1", device,
+    return Encoder("hne_stats", model, transform, torch.float32, 38, HNE_INPUT, "hne_stats-v2", device,
                    "H&E stain and texture statistics (no learned weights)")
 
 

@@ -157,4 +157,9 @@ def create_encoder(name: str, weights: str | os.PathLike | None = None, device: 
         raise EncoderError(f"unknown encoder {name!r}; known encoders: {known} (or torchscript:PATH, module:pkg.mod:fn)")
     if weights is not None and not Path(weights).exists():
         raise EncoderError(f"weights file {weights} does not exist")
-    return _REGISTRY[name].builder(weights, dev)
+    encoder = _REGISTRY[name].builder(weights, dev)
+    if dev.type == "cuda":  # convolutions run fastest on channels-last inputs and weights
+        import torch
+
+        encoder.model = encoder.model.to(memory_format=torch.channels_last)
+    return encoder

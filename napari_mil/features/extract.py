@@ -137,7 +137,7 @@ def extract_features(
     slide_path = Path(slide_path)
     name = grid.slide_name or slide_path.stem
     final = feature_path(out_root, encoder.name, name)
-    key = cache_key(slide_path, grid, encoder.name, encoder.weights_hash, dtype)
+    key = cache_key(slide_path, grid, encoder, dtype)
     cached = cached_bag(final, key)
     if cached is not None:
         seconds = time.perf_counter() - t_start
@@ -153,6 +153,7 @@ def extract_features(
         fh = _open_partial(partial, key, n, encoder.dim, dtype, n_chunks)
     except OSError as exc:
         raise _disk_error(exc, partial) from None
+    threads = torch.get_num_threads()
     try:
         done_chunks = np.asarray(fh["chunk_done"][:], bool)
         resumed_from = int(sum(min(chunk_size, n - c * chunk_size) for c in np.flatnonzero(done_chunks)))
@@ -168,6 +169,10 @@ def extract_features(
         )
         encode = _BackOff(batch_size)
         buffers: dict[int, list] = {}
+        if device.type == "cpu" and num_workers:
+            # the reading workers need the cores too: an oversubscribed CPU ran end to end at
+            # 0.8x of the read-only speed, sharing the cores gave 1.0x (benchmarks/bench_features.py)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
         t_loop = time.perf_counter()
         processed = 0
         for batch, indices, ok in loader:
@@ -193,6 +198,7 @@ def extract_features(
         valid = np.asarray(fh["valid"][:], bool)
     finally:
         fh.close()
+        torch.set_num_threads(threads)
     elapsed = time.perf_counter() - t_start
     attrs = {
         "encoder": encoder.name, "weights_hash": encoder.weights_hash, "dim": encoder.dim, "cache_key": key,

@@ -126,13 +126,22 @@ def slide_identity(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(slide_path, grid, encoder_name: str, weights_hash: str, dtype: str) -> str:
-    """What makes a feature file reusable: the slide, the grid, the encoder and its weights."""
+def encoder_signature(encoder) -> str:
+    """The encoder's identity for caching: name, weights and the preprocessing it applies."""
+    transform = repr(encoder.transform)
+    if " at 0x" in transform:  # a default repr names a memory address, not the transform
+        transform = type(encoder.transform).__qualname__
+    return f"{encoder.name}|{encoder.weights_hash}|{encoder.input_size}|{transform}"
+
+
+def cache_key(slide_path, grid, encoder, dtype: str) -> str:
+    """What makes a feature file reusable: the slide, the grid, the encoder (name, weights,
+    preprocessing) and the on-disk precision."""
     digest = hashlib.sha256()
     digest.update(slide_identity(slide_path).encode())
     digest.update(np.ascontiguousarray(grid.coords, np.int64).tobytes())
     geometry = (grid.patch_size, grid.patch_size_level, grid.level, grid.patch_size_level0)
-    digest.update(json.dumps([geometry, encoder_name, weights_hash, dtype]).encode())
+    digest.update(json.dumps([geometry, encoder_signature(encoder), dtype]).encode())
     return digest.hexdigest()[:24]
 
 
