@@ -6,7 +6,7 @@ import torch
 from napari_mil.errors import NapariMilError
 from napari_mil.models import create_model, list_models, parameter_counts
 
-MODELS = ["abmil", "abmil_gated", "extreme_abmil", "mean_pool", "max_pool"]
+MODELS = ["abmil", "abmil_gated", "extreme_abmil", "mean_pool", "max_pool", "transmil"]
 
 
 def bags(seed=0, n=7, d=16):
@@ -50,7 +50,7 @@ def test_padding_does_not_leak(name):
     torch.testing.assert_close(a.logits[1:], alone.logits)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [m for m in MODELS if m != "transmil"])  # TransMIL is positional
 def test_attention_follows_its_instance(name):
     """Permuting the instances permutes the attention the same way; the prediction is unchanged."""
     torch.manual_seed(0)
@@ -114,3 +114,67 @@ def test_extreme_abmil_ridge_fit_separates_bags():
     with torch.no_grad():
         pred = torch.stack([model(b[None]).logits[0] for b in train]).argmax(1)
     assert (pred == torch.tensor(labels)).float().mean() == 1.0
+
+
+# ---- TransMIL ---------------------------------------------------------------------------
+def _transmil_tokens(model, x):
+    """The tokens entering TransMIL's first layer, rebuilt from its weights: (1, 1 + side^2, dim)."""
+    import math
+
+    h = model.fc1(x)
+    n = h.shape[1]
+    side = math.ceil(math.sqrt(n))
+    h = torch.cat([h, h[:, : side * side - n]], 1)
+    return torch.cat([model.cls_token, h], 1), n, side * side - n
+
+
+def test_transmil_attention_of_instance_i_is_instance_i_exact_case():
+    """With as many landmarks as tokens and no padding, Nyström attention is exact softmax
+    attention: the model's per-instance attention must equal the class-token row computed
+    directly, instance by instance (appended copies folded back)."""
+    torch.manual_seed(0)
+    n = 15  # 16 tokens after squaring, 17 with the class token
+    model = create_model("transmil", in_dim=16, dim=32, heads=2, landmarks=17, attention_layer=0).eval()
+    model.layer1.attn.pinv_iterations = 30  # converge the pseudo-inverse: S pinv(S) S = S exactly
+    x = torch.randn(1, n, 16)
+    with torch.no_grad():
+        out = model(x)
+        tokens, _, extra = _transmil_tokens(model, x)
+        attn = model.layer1.attn
+        q, k, _ = attn.to_qkv(model.layer1.norm(tokens)).chunk(3, -1)
+        q = q.view(1, 17, 2, 16).transpose(1, 2) * attn.scale
+        k = k.view(1, 17, 2, 16).transpose(1, 2)
+        exact = torch.softmax(q @ k.transpose(-1, -2), -1)[:, :, 0].mean(1)[0]  # (17,) class-token row, head mean
+    expected = exact[1 : n + 1].clone()
+    expected[:extra] += exact[n + 1 :]
+    expected = expected / expected.sum()
+    torch.testing.assert_close(out.attention[0], expected, atol=1e-4, rtol=0)
+    assert (out.attention[0] - expected.roll(1)).abs().max() > 1e-2  # an off-by-one would show
+
+
+def test_transmil_front_padding_is_sliced_off_correctly():
+    """With front padding (landmarks < tokens), the fast class-token row equals row `pad` of the
+    full Nyström attention matrix, restricted to the real tokens."""
+    from napari_mil.models.transmil import iterative_pinv
+
+    torch.manual_seed(1)
+    model = create_model("transmil", in_dim=8, dim=32, heads=2, landmarks=8).eval()
+    x = torch.randn(1, 30, 8)  # 36 tokens + class = 37 -> 3 padding tokens in front
+    with torch.no_grad():
+        tokens, _, _ = _transmil_tokens(model, x)
+        attn = model.layer1.attn
+        _, row = attn(model.layer1.norm(tokens))
+        padded = torch.nn.functional.pad(model.layer1.norm(tokens), (0, 0, 3, 0))
+        q, k, _ = attn.to_qkv(padded).chunk(3, -1)
+        q = q.view(1, 40, 2, 16).transpose(1, 2) * attn.scale
+        k = k.view(1, 40, 2, 16).transpose(1, 2)
+        q_l, k_l = q.reshape(1, 2, 8, 5, 16).mean(-2), k.reshape(1, 2, 8, 5, 16).mean(-2)
+        full = torch.softmax(q @ k_l.transpose(-1, -2), -1) @ iterative_pinv(torch.softmax(q_l @ k_l.transpose(-1, -2), -1)) @ torch.softmax(q_l @ k.transpose(-1, -2), -1)
+    torch.testing.assert_close(row, full[:, :, 3, 3:], atol=1e-5, rtol=1e-4)
+
+
+def test_transmil_official_defaults_and_big_bags():
+    model = create_model("transmil", in_dim=1024)
+    assert model.layer1.attn.heads == 8 and model.layer1.attn.landmarks == 256 and model.fc1[0].out_features == 512
+    out = model.eval()(torch.randn(1, 3000, 1024))
+    assert out.attention.shape == (1, 3000) and torch.isfinite(out.logits).all()

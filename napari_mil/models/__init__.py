@@ -53,6 +53,7 @@ def _load_builtins() -> None:
     _BUILTINS_LOADED = True
     from napari_mil.models.abmil import ABMIL, ExtremeABMIL
     from napari_mil.models.pooling import MaxPoolMIL, MeanPoolMIL
+    from napari_mil.models.transmil import TransMIL
 
     builtins = {
         "abmil": lambda **kw: ABMIL(gated=False, **kw),
@@ -60,6 +61,7 @@ def _load_builtins() -> None:
         "extreme_abmil": ExtremeABMIL,
         "mean_pool": MeanPoolMIL,
         "max_pool": MaxPoolMIL,
+        "transmil": TransMIL,
     }
     for name, factory in builtins.items():
         _MODELS.setdefault(name, factory)

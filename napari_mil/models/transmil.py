@@ -1,0 +1,150 @@
+"""TransMIL (Shao et al., NeurIPS 2021): correlated MIL with Nyström self-attention.
+
+    h = ReLU(fc1(x))                                  (N, 512)
+    square: append copies of the first instances so that N' = ceil(sqrt(N))^2
+    prepend a class token                             (1 + N', 512)
+    layer 1: h + NystromAttention(LayerNorm(h))
+    PPEG: class token kept; the N' tokens reshaped to a sqrt(N') square, plus 7x7, 5x5 and 3x3
+          depthwise convolutions (a conditional positional encoding)
+    layer 2: as layer 1
+    logits = fc2(LayerNorm(h)[class token])
+
+Defaults follow the official release: 512-d, 8 heads of 64, 256 landmarks, 6 Moore-Penrose
+iterations, a 33-tap residual convolution over values, dropout 0.1. Nyström attention pads the
+sequence at the *front* to a multiple of the landmark count. Per-instance attention is the
+class-token row of a layer's (approximated) attention matrix, sliced past that front padding,
+with the weight of each appended copy added back to the instance it copies; negative values
+that the approximation can produce are clipped and the row renormalised over the instances.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from napari_mil.models.abmil import MILOutput
+
+
+def iterative_pinv(x: torch.Tensor, iterations: int = 6) -> torch.Tensor:
+    """Moore-Penrose pseudo-inverse by the iteration of Razavi et al. (2014), as Nyströmformer."""
+    abs_x = x.abs()
+    col, row = abs_x.sum(-1), abs_x.sum(-2)
+    z = x.transpose(-1, -2) / (col.amax(-1) * row.amax(-1))[..., None, None]
+    eye = torch.eye(x.shape[-1], device=x.device, dtype=x.dtype)
+    for _ in range(iterations):
+        xz = x @ z
+        z = 0.25 * z @ (13 * eye - xz @ (15 * eye - xz @ (7 * eye - xz)))
+    return z
+
+
+class NystromAttention(nn.Module):
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, landmarks: int = 256,
+                 pinv_iterations: int = 6, residual_kernel: int = 33, dropout: float = 0.1):
+        super().__init__()
+        self.heads, self.dim_head, self.landmarks = heads, dim_head, landmarks
+        self.pinv_iterations = pinv_iterations
+        self.scale = dim_head**-0.5
+        self.to_qkv = nn.Linear(dim, heads * dim_head * 3, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim), nn.Dropout(dropout))
+        self.res_conv = nn.Conv2d(heads, heads, (residual_kernel, 1), padding=(residual_kernel // 2, 0),
+                                  groups=heads, bias=False)
+
+    def forward(self, x: torch.Tensor, query_index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, dim) -> output (B, N, dim) and the attention row of token ``query_index``
+        over all N tokens, per head (B, H, N)."""
+        b, n, _ = x.shape
+        m = self.landmarks
+        pad = (m - n % m) % m
+        x = F.pad(x, (0, 0, pad, 0))  # front padding to a multiple of the landmarks
+        q, k, v = self.to_qkv(x).chunk(3, dim=-1)  # (B, Np, H*d) each
+        q, k, v = (t.view(b, n + pad, self.heads, self.dim_head).transpose(1, 2) for t in (q, k, v))  # (B, H, Np, d)
+        q = q * self.scale
+        per = (n + pad) // m
+        q_l = q.reshape(b, self.heads, m, per, self.dim_head).mean(-2)  # (B, H, m, d) landmark queries
+        k_l = k.reshape(b, self.heads, m, per, self.dim_head).mean(-2)  # (B, H, m, d)
+        attn1 = torch.softmax(q @ k_l.transpose(-1, -2), dim=-1)  # (B, H, Np, m)
+        attn2_inv = iterative_pinv(torch.softmax(q_l @ k_l.transpose(-1, -2), dim=-1), self.pinv_iterations)  # (B, H, m, m)
+        attn3 = torch.softmax(q_l @ k.transpose(-1, -2), dim=-1)  # (B, H, m, Np)
+        out = (attn1 @ attn2_inv) @ (attn3 @ v)  # (B, H, Np, d)
+        out = out + self.res_conv(v)
+        out = out.transpose(1, 2).reshape(b, n + pad, self.heads * self.dim_head)  # (B, Np, H*d)
+        out = self.to_out(out)[:, -n:]  # drop the front padding
+        row = (attn1[:, :, pad + query_index : pad + query_index + 1] @ attn2_inv) @ attn3  # (B, H, 1, Np)
+        return out, row[:, :, 0, pad:]  # (B, H, N): the query's attention over the real tokens
+
+
+class TransLayer(nn.Module):
+    def __init__(self, dim: int = 512, heads: int = 8, landmarks: int = 256, dropout: float = 0.1):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = NystromAttention(dim, heads, dim // heads, landmarks, 6, 33, dropout)
+
+    def forward(self, x):
+        out, row = self.attn(self.norm(x))
+        return x + out, row
+
+
+class PPEG(nn.Module):
+    """Pyramid position encoding generator: depthwise 7x7, 5x5 and 3x3 convolutions on the
+    square-reshaped instance tokens, added to them; the class token passes through."""
+
+    def __init__(self, dim: int = 512):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, 7, 1, 3, groups=dim)
+        self.proj1 = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim)
+        self.proj2 = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x: torch.Tensor, side: int) -> torch.Tensor:
+        b, _, c = x.shape
+        cls, feat = x[:, :1], x[:, 1:]  # (B, 1, C), (B, side^2, C)
+        grid = feat.transpose(1, 2).reshape(b, c, side, side)  # (B, C, side, side)
+        grid = grid + self.proj(grid) + self.proj1(grid) + self.proj2(grid)
+        return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
+
+
+class TransMIL(nn.Module):
+    def __init__(self, in_dim: int, n_classes: int = 2, dim: int = 512, heads: int = 8, landmarks: int = 256,
+                 dropout: float = 0.1, attention_layer: int = 1, attention_head: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.layer1 = TransLayer(dim, heads, landmarks, dropout)
+        self.pos_layer = PPEG(dim)
+        self.layer2 = TransLayer(dim, heads, landmarks, dropout)
+        self.norm = nn.LayerNorm(dim)
+        self.fc2 = nn.Linear(dim, n_classes)
+        self.attention_layer = attention_layer  # 0: first layer, 1: second (default), -1: their mean
+        self.attention_head = attention_head  # None: mean over heads
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+        if mask is not None and not bool(mask.all()):
+            # TransMIL's positional encoding needs each bag's own square: run bags one by one
+            outs = [self.forward(x[i : i + 1, : int(mask[i].sum())]) for i in range(len(x))]
+            attention = torch.zeros(mask.shape, dtype=outs[0].attention.dtype, device=x.device)
+            for i, o in enumerate(outs):
+                attention[i, : o.attention.shape[1]] = o.attention[0]
+            return MILOutput(torch.cat([o.logits for o in outs]), torch.cat([o.embedding for o in outs]), attention)
+        h = self.fc1(x)  # (B, N, dim)
+        b, n, _ = h.shape
+        side = math.ceil(math.sqrt(n))
+        extra = side * side - n
+        h = torch.cat([h, h[:, :extra]], dim=1)  # (B, side^2, dim): copies of the first instances
+        h = torch.cat([self.cls_token.expand(b, -1, -1), h], dim=1)  # (B, 1 + side^2, dim)
+        h, row1 = self.layer1(h)
+        h = self.pos_layer(h, side)
+        h, row2 = self.layer2(h)
+        z = self.norm(h)[:, 0]  # (B, dim)
+        return MILOutput(self.fc2(z), z, self.instance_attention(row1, row2, n, extra))
+
+    def instance_attention(self, row1: torch.Tensor, row2: torch.Tensor, n: int, extra: int) -> torch.Tensor:
+        """Class-token attention (B, H, 1 + side^2) -> per-instance attention (B, N)."""
+        rows = {0: row1, 1: row2, -1: (row1 + row2) / 2}[self.attention_layer]
+        rows = rows.mean(1) if self.attention_head is None else rows[:, self.attention_head]  # (B, 1 + side^2)
+        tokens = rows[:, 1:]  # drop the class token's attention to itself
+        att = tokens[:, :n].clone()
+        att[:, :extra] += tokens[:, n:]  # the appended copies are the first instances again
+        att = att.clamp_min(0)
+        return att / att.sum(1, keepdim=True).clamp_min(1e-12)
