@@ -1,0 +1,1 @@
+"""Training: MHIM-MIL (masked hard instance mining with an EMA teacher)."""

@@ -1,0 +1,111 @@
+"""MHIM-MIL pieces: masks, schedules, the EMA teacher and the consistency loss."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mil.models import create_model
+from napari_mil.training.mhim import (
+    PRESETS,
+    MHIMConfig,
+    MHIMTrainer,
+    consistency_loss,
+    cosine_schedule,
+    ema_update,
+    make_teacher,
+    preset,
+    select_masks,
+)
+
+
+def test_masks_take_exactly_the_configured_fractions():
+    attention = torch.arange(100, dtype=torch.float32).flip(0)  # instance 0 highest
+    cfg = MHIMConfig(mask_ratio=0.5, mask_ratio_l=0.2, mask_ratio_h=0.1, mask_ratio_hr=0.5)
+    masks = select_masks(attention, cfg, generator=torch.Generator().manual_seed(0))
+    assert masks.high.sum() == 5 and masks.high[:10].sum() == 5  # half of the top 10
+    assert masks.low.sum() == 20 and masks.low[80:].all()  # the bottom 20
+    assert masks.random.sum() == int(0.5 * 75)  # half of the 75 left
+    assert not (masks.high & masks.low).any() and not (masks.random & (masks.high | masks.low)).any()
+    assert masks.kept.sum() == 100 - 5 - 20 - 37
+
+
+def test_masks_follow_the_teacher_not_the_position():
+    gen = torch.Generator().manual_seed(1)
+    attention = torch.rand(50, generator=gen)
+    masks = select_masks(attention, MHIMConfig(mask_ratio_h=0.2, mask_ratio_hr=1.0, mask_ratio_l=0.2))
+    top = set(torch.argsort(attention, descending=True)[:10].tolist())
+    bottom = set(torch.argsort(attention)[:10].tolist())
+    assert set(torch.nonzero(masks.high).flatten().tolist()) == top
+    assert set(torch.nonzero(masks.low).flatten().tolist()) == bottom
+
+
+def test_never_masks_the_whole_bag():
+    masks = select_masks(torch.rand(3), MHIMConfig(mask_ratio=1.0, mask_ratio_l=1.0))
+    assert masks.kept.sum() >= 1
+
+
+def test_cosine_schedules_follow_their_curve():
+    values = cosine_schedule(0.01, 0.0, 100)
+    assert values[0] == pytest.approx(0.01) and values[50] == pytest.approx(0.005)
+    assert np.all(np.diff(values) < 0)
+    for i in (10, 37, 99):
+        assert values[i] == pytest.approx(0.5 * 0.01 * (1 + math.cos(math.pi * i / 100)))
+    momentum = cosine_schedule(0.9999, 1.0, 10)
+    assert momentum[0] == pytest.approx(0.9999) and np.all(np.diff(momentum) > 0) and momentum[-1] < 1.0
+
+
+def test_ema_update_is_exact_and_the_teacher_gets_no_gradient():
+    torch.manual_seed(0)
+    student = create_model("abmil", in_dim=8)
+    teacher = make_teacher(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in teacher.parameters()]
+    ema_update(teacher, student, 0.9)
+    for t, b, s in zip(teacher.parameters(), before, student.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * s)
+    trainer = MHIMTrainer(student, MHIMConfig(mask_ratio=0.5, alpha=0.5), total_steps=10)
+    loss, _, _ = trainer.loss(torch.randn(1, 20, 8), torch.tensor([1]))
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in trainer.teacher.parameters())
+    assert any(p.grad is not None for p in student.parameters())
+
+
+def test_consistency_loss_matches_a_hand_computation():
+    student = torch.tensor([[1.0, 0.0, -1.0]])
+    teacher = torch.tensor([[0.2, 0.1, 0.0]])
+    t = [math.exp(v / 0.1) for v in (0.2, 0.1, 0.0)]
+    target = [v / sum(t) for v in t]
+    s = [math.exp(v / 1.0) for v in (1.0, 0.0, -1.0)]
+    log_q = [math.log(v / sum(s)) for v in s]
+    expected = -sum(p * q for p, q in zip(target, log_q))
+    assert consistency_loss(student, teacher, 0.1, 1.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_trainer_steps_schedules_and_keeps_every_mask():
+    torch.manual_seed(0)
+    student = create_model("abmil", in_dim=8)
+    trainer = MHIMTrainer(student, preset("camelyon16_abmil"), total_steps=4, seed=3)
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    ratios = []
+    for step in range(4):
+        ratios.append(trainer.current_ratio_h())
+        loss, out, masks = trainer.loss(torch.randn(1, 200, 8), torch.tensor([step % 2]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        trainer.after_optimizer_step()
+        assert out.attention.shape[1] == int(masks.kept.sum())
+    assert len(trainer.history) == 4 and ratios[0] == pytest.approx(0.01) and ratios == sorted(ratios, reverse=True)
+    assert trainer.history[0].random.sum() > 0
+
+
+def test_presets_are_the_official_recipes():
+    assert set(PRESETS) == {"camelyon16_abmil", "tcga_abmil", "camelyon16_transmil", "tcga_transmil"}
+    c16 = PRESETS["camelyon16_abmil"]
+    assert (c16.mask_ratio, c16.mask_ratio_h, c16.mask_ratio_hr, c16.alpha) == (0.5, 0.01, 0.5, 0.1)
+    with pytest.raises(KeyError, match="camelyon16_abmil"):
+        preset("c17")
