@@ -8,13 +8,17 @@ from torch import nn
 from napari_mil.models.abmil import MILOutput, masked_softmax
 
 
-class MeanPoolMIL(nn.Module):
-    """z = mean of ReLU(W h_k); attention is uniform over the real instances."""
+class _EmbeddedInstances(nn.Module):
+    """Instances embedded by ReLU(W h_k) and a linear classifier, pooled by the subclass."""
 
     def __init__(self, in_dim: int, n_classes: int = 2, embed_dim: int = 128, dropout: float = 0.0):
         super().__init__()
         self.embed = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
         self.classifier = nn.Linear(embed_dim, n_classes)
+
+
+class MeanPoolMIL(_EmbeddedInstances):
+    """z = mean of ReLU(W h_k); attention is uniform over the real instances."""
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         h = self.embed(x)  # (B, N, E)
@@ -23,17 +27,12 @@ class MeanPoolMIL(nn.Module):
         return MILOutput(self.classifier(z), z, attention)
 
 
-class MaxPoolMIL(nn.Module):
+class MaxPoolMIL(_EmbeddedInstances):
     """Instance classifier, bag logits = max over instances per class.
 
     The bag embedding is the embedding of the instance that decides the positive class; the
     attention map is the softmax of the instances' positive-class logits (the instances the
     max looks at score highest)."""
-
-    def __init__(self, in_dim: int, n_classes: int = 2, embed_dim: int = 128, dropout: float = 0.0):
-        super().__init__()
-        self.embed = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
-        self.classifier = nn.Linear(embed_dim, n_classes)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         h = self.embed(x)  # (B, N, E)
