@@ -1,0 +1,222 @@
+"""Training a MIL model on in-memory bags, plainly or in MHIM-MIL mode, with checkpoints.
+
+One bag per step (bags differ in size), Adam with weight decay, class-weighted cross-entropy,
+early stopping on validation loss, deterministic seeds, AMP on CUDA. Progress, live metrics
+and cooperative cancel go through callbacks, which is how the GUI drives it. Checkpoints are a
+safetensors file of weights plus a JSON file of the configuration; the best epoch's is written
+atomically whenever validation improves, so a cancel keeps the last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from napari_mil.errors import NapariMilError
+from napari_mil.models import create_model
+from napari_mil.training.metrics import binary_metrics, choose_threshold
+from napari_mil.training.mhim import MHIMConfig, MHIMTrainer
+
+
+class TrainingCancelled(NapariMilError):
+    """Training stopped on request; the best checkpoint so far is kept."""
+
+
+class CheckpointError(NapariMilError):
+    """A checkpoint that does not exist, is not ours, or does not fit the features."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "abmil"
+    model_cfg: dict = field(default_factory=dict)
+    epochs: int = 30
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    patience: int = 8  # epochs without validation improvement before stopping
+    class_weighting: bool = True
+    seed: int = 0
+    mhim: MHIMConfig | None = None
+    device: str = "auto"
+    amp: bool = True  # on CUDA only
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_auc: float
+    seconds: float
+    mask_ratio: float  # share of instances the student did not see (0 without MHIM)
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    history: list[EpochReport]
+    best_epoch: int
+    threshold: float  # chosen on validation (Youden's J)
+    val_metrics: dict
+    checkpoint: Path | None
+    mhim: MHIMTrainer | None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def predict_probs(model, bags, device) -> tuple[np.ndarray, float]:
+    """Positive-class probabilities (or class probabilities for C > 2) and the mean loss."""
+    model.eval()
+    probs, losses = [], []
+    with torch.no_grad():
+        for bag in bags:
+            out = model(torch.from_numpy(bag.features)[None].to(device))
+            losses.append(F.cross_entropy(out.logits.float(), torch.tensor([bag.label], device=device)).item())
+            probs.append(torch.softmax(out.logits.float(), 1)[0].cpu().numpy())
+    return np.stack(probs), float(np.mean(losses))
+
+
+def train(train_bags, val_bags, cfg: TrainConfig, checkpoint: str | Path | None = None,
+          on_epoch: Callable[[EpochReport], None] | None = None, cancel: Callable[[], bool] | None = None,
+          extra_meta: dict | None = None) -> TrainResult:
+    if not train_bags or not val_bags:
+        raise NapariMilError("training needs at least one training and one validation slide")
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    device = _device(cfg.device)
+    in_dim = train_bags[0].features.shape[1]
+    n_classes = int(max(b.label for b in train_bags + val_bags)) + 1
+    model = create_model(cfg.model, in_dim, n_classes, **cfg.model_cfg).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    counts = np.bincount([b.label for b in train_bags], minlength=n_classes).astype(np.float64)
+    weight = torch.tensor(counts.sum() / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device) \
+        if cfg.class_weighting else None
+    mhim = MHIMTrainer(model, cfg.mhim, cfg.epochs * len(train_bags), seed=cfg.seed) if cfg.mhim else None
+    use_amp = cfg.amp and device.type == "cuda"
+    history, best_loss, best_epoch, best_state, stale = [], float("inf"), -1, None, 0
+    meta = {"train_config": _jsonable(asdict(cfg)), "in_dim": in_dim, "n_classes": n_classes, **(extra_meta or {})}
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        losses, masked = [], []
+        for i in rng.permutation(len(train_bags)):
+            if cancel is not None and cancel():
+                raise TrainingCancelled(f"training cancelled in epoch {epoch + 1}; best checkpoint kept"
+                                        + (f" at {checkpoint}" if checkpoint and best_epoch >= 0 else ""))
+            bag = train_bags[i]
+            x = torch.from_numpy(bag.features)[None].to(device)  # (1, N, D)
+            y = torch.tensor([bag.label], device=device)
+            with torch.autocast(device.type, enabled=use_amp):
+                if mhim is not None:
+                    loss, _, masks = mhim.loss(x, y, weight)
+                    masked.append(float(masks.masked.float().mean()))
+                else:
+                    loss = F.cross_entropy(model(x).logits.float(), y, weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if mhim is not None:
+                mhim.after_optimizer_step()
+            losses.append(loss.item())
+        probs, val_loss = predict_probs(model, val_bags, device)
+        labels = np.array([b.label for b in val_bags])
+        val_auc = binary_metrics(labels == n_classes - 1, probs[:, -1])["auc"] if len(set(labels)) > 1 else float("nan")
+        report = EpochReport(epoch + 1, float(np.mean(losses)), val_loss, val_auc, time.perf_counter() - t0,
+                             float(np.mean(masked)) if masked else 0.0)
+        history.append(report)
+        if val_loss < best_loss - 1e-6:
+            best_loss, best_epoch, stale = val_loss, epoch + 1, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, model, {**meta, "model": cfg.model, "model_cfg": cfg.model_cfg,
+                                                    "epoch": epoch + 1, "val_loss": val_loss})
+        else:
+            stale += 1
+        if on_epoch is not None:
+            on_epoch(report)
+        if stale >= cfg.patience:
+            break
+    model.load_state_dict(best_state)
+    probs, _ = predict_probs(model, val_bags, device)
+    labels = np.array([b.label for b in val_bags])
+    threshold = choose_threshold(labels == n_classes - 1, probs[:, -1]) if len(set(labels)) > 1 else 0.5
+    metrics = binary_metrics(labels == n_classes - 1, probs[:, -1], threshold)
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, model, {**meta, "model": cfg.model, "model_cfg": cfg.model_cfg,
+                                            "epoch": best_epoch, "val_loss": best_loss, "threshold": threshold,
+                                            "val_metrics": metrics})
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return TrainResult(model, history, best_epoch, threshold, metrics, Path(checkpoint) if checkpoint else None, mhim)
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict) -> Path:
+    """``path.safetensors`` (weights) and ``path.json`` (what to rebuild it with), both atomic."""
+    from safetensors.torch import save_file
+
+    base = Path(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    weights, config = base.with_suffix(".safetensors"), base.with_suffix(".json")
+    tmp_w, tmp_c = weights.with_name(weights.name + ".tmp"), config.with_name(config.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp_w))
+    tmp_c.write_text(json.dumps(_jsonable({"format": "napari-mil-checkpoint-1", **meta}), indent=2))
+    os.replace(tmp_w, weights)
+    os.replace(tmp_c, config)
+    return base
+
+
+def load_checkpoint(path: str | Path, feature_dim: int | None = None, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a model from ``path.json`` and ``path.safetensors``; refuse features of another
+    dimension and weights of another architecture with a clear message."""
+    from safetensors.torch import load_file
+
+    base = Path(path)
+    if base.suffix in (".json", ".safetensors"):
+        base = base.with_suffix("")
+    config, weights = base.with_suffix(".json"), base.with_suffix(".safetensors")
+    if not config.exists() or not weights.exists():
+        raise CheckpointError(f"checkpoint {base.name}: need both {config.name} and {weights.name}")
+    try:
+        meta = json.loads(config.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config.name} is not valid JSON: {exc}") from None
+    if meta.get("format") != "napari-mil-checkpoint-1":
+        raise CheckpointError(f"{config.name} is not a napari-mil checkpoint")
+    if feature_dim is not None and feature_dim != meta["in_dim"]:
+        raise CheckpointError(
+            f"the checkpoint expects {meta['in_dim']}-d features ({meta.get('encoder', 'its encoder')}) "
+            f"but these have {feature_dim}: extract features with the encoder it was trained on"
+        )
+    model = create_model(meta["model"], meta["in_dim"], meta["n_classes"], **meta.get("model_cfg", {}))
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {weights.name}: {exc}") from None
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or wrong or len(state) != len(own):
+        raise CheckpointError(
+            f"{weights.name} does not fit a {meta['model']} model: {len(missing)} missing, {len(wrong)} of another "
+            f"shape, {len(set(state) - set(own))} unexpected tensors (another architecture?)"
+        )
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta

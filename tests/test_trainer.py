@@ -1,0 +1,166 @@
+"""The trainer on real features of a synthetic cohort: it learns, it checkpoints, it refuses bad input."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mil.errors import NapariMilError
+from napari_mil.features.store import FeatureBag, feature_path
+from napari_mil.training.data import CohortError, load_bags, patient_folds, read_labels
+from napari_mil.training.metrics import roc_auc
+from napari_mil.training.mhim import preset
+from napari_mil.training.trainer import (
+    CheckpointError,
+    TrainConfig,
+    TrainingCancelled,
+    load_checkpoint,
+    predict_probs,
+    train,
+)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """16 small synthetic slides (8 with tumour), tiled at 20x and encoded with hne_stats."""
+    from napari_mil.encoders import create_encoder
+    from napari_mil.features.extract import extract_features
+    from napari_mil.slide import open_slide
+    from napari_mil.synthetic import make_cohort
+    from napari_mil.tiling import make_patch_grid
+    from napari_mil.tissue import detect_tissue
+
+    root = tmp_path_factory.mktemp("cohort")
+    labels_csv = make_cohort(root, n_slides=16, seed=5, width=4096, height=3072, mpp=0.5, burden_range=(0.05, 0.4))
+    encoder = create_encoder("hne_stats", device="cpu")
+    for row in csv.DictReader(open(labels_csv)):
+        with open_slide(root / row["path"]) as slide:
+            grid = make_patch_grid(slide, detect_tissue(slide, "biopsy"), magnification=20, min_tissue=0.3)
+        extract_features(root / row["path"], grid, encoder, root / "run", num_workers=0)
+    return root, labels_csv
+
+
+@pytest.fixture(scope="module")
+def bags(cohort):
+    root, labels_csv = cohort
+    return load_bags(read_labels(labels_csv), root / "run", "hne_stats")
+
+
+def test_folds_keep_patients_apart(bags):
+    for fold in patient_folds(bags, k=4, seed=0):
+        parts = {name: {bags[i].patient_id for i in idx} for name, idx in fold.items()}
+        assert not (parts["train"] & parts["val"]) and not (parts["train"] & parts["test"]) and not (parts["val"] & parts["test"])
+        assert len(fold["val"]) and len(fold["test"])
+        assert {bags[i].label for i in fold["test"]} == {0, 1}  # stratified
+    all_test = np.concatenate([f["test"] for f in patient_folds(bags, k=4, seed=0)])
+    assert sorted(all_test) == list(range(len(bags)))
+
+
+def test_short_training_learns(bags, tmp_path):
+    fold = patient_folds(bags, k=2, seed=0)[0]  # 8 held-out test slides, 4 with tumour
+    pick = lambda name: [bags[i] for i in fold[name]]  # noqa: E731
+    cfg = TrainConfig(model="abmil", epochs=15, lr=1e-3, patience=15, seed=0)
+    result = train(pick("train"), pick("val"), cfg, checkpoint=tmp_path / "abmil")
+    probs, _ = predict_probs(result.model, pick("test"), "cpu")
+    assert len(pick("test")) == 8
+    assert roc_auc([b.label for b in pick("test")], probs[:, 1]) >= 0.85
+    assert result.best_epoch >= 1 and 0 <= result.threshold <= 1
+    assert (tmp_path / "abmil.safetensors").exists() and json.loads((tmp_path / "abmil.json").read_text())["in_dim"] == 38
+
+
+def test_training_is_deterministic_and_checkpoints_reload(bags, tmp_path):
+    cfg = TrainConfig(model="abmil_gated", epochs=3, seed=7)
+    a = train(bags[:10], bags[10:], cfg, checkpoint=tmp_path / "a")
+    b = train(bags[:10], bags[10:], cfg)
+    assert [h.train_loss for h in a.history] == [h.train_loss for h in b.history]
+    model, meta = load_checkpoint(tmp_path / "a", feature_dim=38)
+    np.testing.assert_allclose(predict_probs(model, bags[10:], "cpu")[0], predict_probs(a.model, bags[10:], "cpu")[0], rtol=1e-5)
+    assert meta["model"] == "abmil_gated" and "threshold" in meta
+
+
+def test_mhim_mode_trains_and_reports_masking(bags):
+    cfg = TrainConfig(model="abmil", epochs=2, seed=0, mhim=preset("tcga_abmil", mm=0.9))
+    result = train(bags[:10], bags[10:], cfg)
+    assert all(h.mask_ratio > 0.5 for h in result.history)  # 70% random + 20% low masking
+    assert len(result.mhim.history) == 2 * 10
+
+
+def test_cancel_mid_epoch_keeps_the_last_good_checkpoint(bags, tmp_path):
+    steps = []
+
+    def cancel():
+        steps.append(1)
+        return len(steps) > 15  # past the first epoch of 10 bags
+
+    with pytest.raises(TrainingCancelled, match="best checkpoint kept"):
+        train(bags[:10], bags[10:], TrainConfig(epochs=5), checkpoint=tmp_path / "c", cancel=cancel)
+    model, meta = load_checkpoint(tmp_path / "c", feature_dim=38)
+    assert meta["epoch"] == 1
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_checkpoint_of_other_features_or_architecture(bags, tmp_path):
+    train(bags[:10], bags[10:], TrainConfig(epochs=1), checkpoint=tmp_path / "m")
+    with pytest.raises(CheckpointError, match="expects 38-d features .* these have 1024"):
+        load_checkpoint(tmp_path / "m", feature_dim=1024)
+    meta = json.loads((tmp_path / "m.json").read_text())
+    meta["model"] = "transmil"
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="does not fit a transmil model"):
+        load_checkpoint(tmp_path / "m")
+    (tmp_path / "x.json").write_text("{}")
+    (tmp_path / "x.safetensors").write_bytes(b"0")
+    with pytest.raises(CheckpointError, match="not a napari-mil checkpoint"):
+        load_checkpoint(tmp_path / "x")
+
+
+# ---- bad cohorts --------------------------------------------------------------------------
+def write_csv(path, rows, header=("slide_id", "label", "patient_id")):
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def test_labels_without_features_are_listed(cohort, tmp_path):
+    root, _ = cohort
+    labels = write_csv(tmp_path / "l.csv", [("synthetic_000", 0, "p"), ("ghost_1", 1, "q"), ("ghost_2", 1, "r")])
+    with pytest.raises(CohortError, match="2 slide\\(s\\) .* no hne_stats features .*ghost_1, ghost_2.*napari-mil extract"):
+        load_bags(read_labels(labels), root / "run", "hne_stats")
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([("a", 0), ("b", 0)], "only class 0"),
+    ([("a", 0), ("b", "tumour")], "not a class number"),
+    ([("a", 0), ("b", 2)], "consecutive class numbers"),
+    ([], "lists no slides"),
+])
+def test_bad_labels(tmp_path, rows, message):
+    with pytest.raises(CohortError, match=message):
+        read_labels(write_csv(tmp_path / "l.csv", rows, ("slide_id", "label")))
+
+
+def test_missing_label_column(tmp_path):
+    with pytest.raises(CohortError, match="needs a 'label' column"):
+        read_labels(write_csv(tmp_path / "l.csv", [("a", "x")], ("slide_id", "diagnosis")))
+
+
+def test_empty_bag_and_nan_features(tmp_path):
+    run = tmp_path / "run"
+    FeatureBag(np.zeros((0, 4), np.float32), np.zeros((0, 2)), {}).save(feature_path(run, "e", "empty"))
+    nan = np.ones((3, 4), np.float32)
+    nan[1, 2] = np.nan
+    FeatureBag(nan, np.zeros((3, 2)), {}).save(feature_path(run, "e", "nan"))
+    FeatureBag(np.ones((3, 4), np.float32), np.zeros((3, 2)), {}).save(feature_path(run, "e", "ok"))
+    with pytest.raises(CohortError, match="empty: the bag is empty"):
+        load_bags(read_labels(write_csv(tmp_path / "a.csv", [("empty", 0, "p"), ("ok", 1, "q")])), run, "e")
+    with pytest.raises(CohortError, match="nan: 1 patches have NaN"):
+        load_bags(read_labels(write_csv(tmp_path / "b.csv", [("nan", 0, "p"), ("ok", 1, "q")])), run, "e")
+
+
+def test_training_needs_validation_slides(bags):
+    with pytest.raises(NapariMilError, match="validation"):
+        train(bags, [], TrainConfig(epochs=1))
