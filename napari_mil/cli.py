@@ -3,6 +3,8 @@
     napari-mil tile SLIDE|FOLDER|CSV ... --out DIR
     napari-mil extract SLIDE|FOLDER|CSV ... --out DIR [--encoder NAME]
     napari-mil encoders
+    napari-mil train LABELS.csv --features DIR --out MODELS [--model abmil] [--mhim PRESET]
+    napari-mil predict SLIDE_ID ... --checkpoint CKPT --features DIR --out DIR
     napari-mil synthetic OUT.tif | --cohort N OUT_DIR
     napari-mil demo [--headless OUT]
 """
@@ -200,6 +202,136 @@ def cmd_extract(args) -> int:
     return 1 if failures else 0
 
 
+def cmd_train(args) -> int:
+    """Cross-validated training (or the CSV's own train/val/test split) with test predictions."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from napari_mil.training.data import load_bags, patient_folds, read_labels
+    from napari_mil.training.metrics import binary_metrics, bootstrap_ci
+    from napari_mil.training.mhim import preset
+    from napari_mil.training.trainer import TrainConfig, predict_probs, train
+
+    try:
+        records = read_labels(args.labels)
+        bags = load_bags(records, args.features, args.encoder)
+        mhim = preset(args.mhim) if args.mhim else None
+    except (NapariMilError, KeyError) as exc:
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        return 2
+    if all(r.split for r in records):
+        split = {name: np.array([i for i, r in enumerate(records) if r.split == name]) for name in ("train", "val", "test")}
+        folds = [split]
+    else:
+        folds = patient_folds(bags, args.folds, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = TrainConfig(model=args.model, epochs=args.epochs, lr=args.lr, seed=args.seed, mhim=mhim, device=args.device)
+    rows, summary = [], {"folds": []}
+    for k, fold in enumerate(folds):
+        pick = lambda name: [bags[i] for i in fold[name]]  # noqa: E731
+        bar = tqdm(total=args.epochs, desc=f"fold {k + 1}/{len(folds)}", unit="epoch", disable=args.quiet)
+
+        def on_epoch(r, bar=bar):
+            bar.update(1)
+            bar.set_postfix(loss=f"{r.train_loss:.3f}", val_loss=f"{r.val_loss:.3f}", val_auc=f"{r.val_auc:.3f}")
+
+        try:
+            result = train(pick("train"), pick("val"), cfg, checkpoint=out / f"{args.model}_fold{k}", on_epoch=on_epoch,
+                           extra_meta={"encoder": args.encoder})
+        except NapariMilError as exc:
+            bar.close()
+            print(f"error: fold {k + 1}: {exc}", file=sys.stderr)
+            return 1
+        bar.close()
+        test = pick("test")
+        if test:
+            probs, _ = predict_probs(result.model, test, next(result.model.parameters()).device)
+            for bag, p in zip(test, probs[:, -1]):
+                rows.append({"slide_id": bag.slide_id, "patient_id": bag.patient_id, "fold": k, "label": bag.label,
+                             "probability": f"{p:.6f}", "predicted": int(p >= result.threshold)})
+            labels = np.array([b.label for b in test]) == max(b.label for b in bags)
+            metrics = binary_metrics(labels, probs[:, -1], result.threshold)
+        else:
+            metrics = {}
+        summary["folds"].append({"fold": k, "best_epoch": result.best_epoch, "threshold": result.threshold,
+                                 "val": result.val_metrics, "test": metrics})
+        if not args.quiet and metrics:
+            tqdm.write(f"fold {k + 1}: test AUC {metrics['auc']:.3f}, balanced accuracy {metrics['balanced_accuracy']:.3f} "
+                       f"(threshold {result.threshold:.3f} from validation)")
+    if rows:
+        labels = np.array([r["label"] for r in rows]) == max(b.label for b in bags)
+        probs = np.array([float(r["probability"]) for r in rows])
+        aucs = [f["test"]["auc"] for f in summary["folds"] if f["test"]]
+        summary["test_auc_mean"], summary["test_auc_sd"] = float(np.nanmean(aucs)), float(np.nanstd(aucs))
+        summary["pooled_test_auc_95ci"] = bootstrap_ci(labels, probs, n_boot=1000)["auc"]
+        _write_csv(out / "predictions.csv", rows)
+        if not args.quiet:
+            print(f"test AUC {summary['test_auc_mean']:.3f} ± {summary['test_auc_sd']:.3f} over {len(aucs)} fold(s)")
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=float))
+    tmp.replace(out / "summary.json")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    """Slide predictions and per-patch attention from a checkpoint."""
+    import h5py
+    import numpy as np
+
+    from napari_mil.features.store import FeatureBag, feature_path
+    from napari_mil.training.trainer import load_checkpoint
+
+    import torch
+
+    out = Path(args.out)
+    rows, failures = [], 0
+    model = meta = None
+    for slide_id in args.slides:
+        try:
+            bag = FeatureBag.load(feature_path(args.features, args.encoder, slide_id))
+            if model is None:
+                model, meta = load_checkpoint(args.checkpoint, feature_dim=bag.dim)
+            elif bag.dim != meta["in_dim"]:
+                raise NapariMilError(f"{slide_id}: {bag.dim}-d features, the checkpoint expects {meta['in_dim']}")
+            if len(bag) == 0:
+                raise NapariMilError(f"{slide_id}: the bag is empty")
+            with torch.no_grad():
+                result = model(torch.from_numpy(np.asarray(bag.features, np.float32))[None])
+            prob = float(torch.softmax(result.logits, 1)[0, -1])
+            threshold = float(meta.get("threshold", 0.5))
+            rows.append({"slide_id": slide_id, "probability": f"{prob:.6f}", "predicted": int(prob >= threshold),
+                         "threshold": f"{threshold:.6f}"})
+            target = out / "attention" / f"{slide_id}.h5"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".tmp")
+            with h5py.File(tmp, "w") as fh:
+                fh.create_dataset("coords", data=bag.coords)
+                fh.create_dataset("attention", data=result.attention[0].numpy())
+                fh.attrs["model"] = meta["model"]
+                fh.attrs["probability"] = prob
+            tmp.replace(target)
+        except NapariMilError as exc:
+            failures += 1
+            print(f"error: {exc}", file=sys.stderr)
+    if rows:
+        _write_csv(out / "predictions.csv", rows)
+        if not args.quiet:
+            for r in rows:
+                print(f"{r['slide_id']}: p = {float(r['probability']):.3f} -> class {r['predicted']}")
+    return 1 if failures else 0
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
 def cmd_synthetic(args) -> int:
     from napari_mil.synthetic import make_cohort, make_synthetic_slide
 
@@ -288,6 +420,31 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="on-disk precision")
     _add_grid_options(e)
     e.set_defaults(func=cmd_extract)
+
+    tr = sub.add_parser("train", help="train a MIL model (cross-validated) on extracted features")
+    tr.add_argument("labels", help="CSV: slide_id,label[,patient_id,split]")
+    tr.add_argument("--features", required=True, help="the folder holding features_<encoder>/")
+    tr.add_argument("--encoder", default="hne_stats")
+    tr.add_argument("--model", default="abmil", help="abmil, abmil_gated, extreme_abmil, transmil, mean_pool, max_pool")
+    tr.add_argument("--mhim", default=None, help="train in MHIM-MIL mode with an official preset "
+                    "(camelyon16_abmil, tcga_abmil, camelyon16_transmil, tcga_transmil)")
+    tr.add_argument("--folds", type=int, default=5, help="patient-level folds when the CSV has no split column")
+    tr.add_argument("--epochs", type=int, default=30)
+    tr.add_argument("--lr", type=float, default=2e-4)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--out", "-o", required=True, help="folder for checkpoints, predictions.csv and summary.json")
+    tr.add_argument("--quiet", "-q", action="store_true")
+    tr.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("predict", help="predict slides and write their attention with a checkpoint")
+    pr.add_argument("slides", nargs="+", help="slide ids with features under --features")
+    pr.add_argument("--checkpoint", required=True, help="checkpoint path (without .json/.safetensors)")
+    pr.add_argument("--features", required=True)
+    pr.add_argument("--encoder", default="hne_stats")
+    pr.add_argument("--out", "-o", required=True, help="folder for predictions.csv and attention/<slide>.h5")
+    pr.add_argument("--quiet", "-q", action="store_true")
+    pr.set_defaults(func=cmd_predict)
 
     enc = sub.add_parser("encoders", help="list the available encoders")
     enc.set_defaults(func=cmd_encoders)

@@ -164,3 +164,37 @@ def test_empty_bag_and_nan_features(tmp_path):
 def test_training_needs_validation_slides(bags):
     with pytest.raises(NapariMilError, match="validation"):
         train(bags, [], TrainConfig(epochs=1))
+
+
+def test_cli_train_then_predict(cohort, tmp_path):
+    import h5py
+
+    from napari_mil.cli import main
+
+    root, labels_csv = cohort
+    out = tmp_path / "models"
+    assert main(["train", str(labels_csv), "--features", str(root / "run"), "--folds", "2", "--epochs", "4",
+                 "--mhim", "camelyon16_abmil", "--out", str(out), "-q"]) == 0
+    predictions = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(predictions) == 16 and {p["fold"] for p in predictions} == {"0", "1"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["folds"]) == 2 and 0 <= summary["test_auc_mean"] <= 1
+    assert (out / "abmil_fold0.safetensors").exists()
+
+    slides = ["synthetic_000", "synthetic_001"]
+    assert main(["predict", *slides, "--checkpoint", str(out / "abmil_fold0"), "--features", str(root / "run"),
+                 "--out", str(tmp_path / "pred"), "-q"]) == 0
+    with h5py.File(tmp_path / "pred" / "attention" / "synthetic_000.h5") as fh:
+        attention, coords = fh["attention"][:], fh["coords"][:]
+    assert len(attention) == len(coords) and abs(attention.sum() - 1) < 1e-4
+
+
+def test_cli_train_refuses_labels_without_features(cohort, tmp_path, capsys):
+    from napari_mil.cli import main
+
+    root, labels_csv = cohort
+    labels = write_csv(tmp_path / "l.csv", [("synthetic_000", 0, "p"), ("nowhere", 1, "q")])
+    assert main(["train", str(labels), "--features", str(root / "run"), "--out", str(tmp_path / "m")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert main(["train", str(labels_csv), "--features", str(root / "run"), "--mhim", "c17", "--out", str(tmp_path / "m")]) == 2
+    assert "unknown MHIM preset 'c17'" in capsys.readouterr().err
