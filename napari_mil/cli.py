@@ -108,13 +108,7 @@ def cmd_tile(args) -> int:
             failures += 1
             rows.append({"slide": str(path), "patches": 0, "tissue_fraction": "", "error": str(exc)})
             tqdm.write(f"error: {exc}", file=sys.stderr)
-    summary = out / "tiling_summary.csv"
-    tmp = summary.with_name(summary.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["slide", "patches", "tissue_fraction", "error"])
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(summary)
+    _write_csv(out / "tiling_summary.csv", rows)
     return 1 if failures else 0
 
 
@@ -194,11 +188,7 @@ def cmd_extract(args) -> int:
         "parameters": {k: v for k, v in vars(args).items() if k not in ("func", "slides")},
         "slides": runs,
     }
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = out / f"extract_manifest_{stamp}.json"
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    tmp.replace(target)
+    _write_json(out / f"extract_manifest_{time.strftime('%Y%m%d-%H%M%S')}.json", manifest)
     return 1 if failures else 0
 
 
@@ -268,9 +258,7 @@ def cmd_train(args) -> int:
         _write_csv(out / "predictions.csv", rows)
         if not args.quiet:
             print(f"test AUC {summary['test_auc_mean']:.3f} ± {summary['test_auc_sd']:.3f} over {len(aucs)} fold(s)")
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=float))
-    tmp.replace(out / "summary.json")
+    _write_json(out / "summary.json", summary)
     return 0
 
 
@@ -322,7 +310,15 @@ def cmd_predict(args) -> int:
     return 1 if failures else 0
 
 
+def _write_json(path: Path, data) -> None:
+    """Write JSON atomically (numpy scalars and paths become numbers and strings)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    tmp.replace(path)
+
+
 def _write_csv(path: Path, rows: list[dict]) -> None:
+    """Write rows (dicts with the same keys) as CSV, atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as fh:

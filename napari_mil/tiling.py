@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_mil._h5 import plain_attr
 from napari_mil.errors import GridError, NoTissueError
 from napari_mil.slide.base import Slide
 from napari_mil.tissue import TissueMask
@@ -105,7 +106,7 @@ class PatchGrid:
             if "coords" not in fh:
                 raise GridError(f"{path} has no 'coords' dataset: not a patch-coordinates file")
             coords = np.asarray(fh["coords"][:], dtype=np.int64).reshape(-1, 2)
-            a = {k: _plain(v) for k, v in fh["coords"].attrs.items()}
+            a = {k: plain_attr(v) for k, v in fh["coords"].attrs.items()}
             fraction = (
                 np.asarray(fh["tissue_fraction"][:], np.float32)
                 if "tissue_fraction" in fh
@@ -158,16 +159,6 @@ def _num(value) -> float | None:
         return None
     value = float(value)
     return None if np.isnan(value) else value
-
-
-def _plain(value):
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray) and value.shape == ():
-        return value.item()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def target_downsample(slide: Slide, target_mpp: float | None = None, magnification: float | None = None) -> float:

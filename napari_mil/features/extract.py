@@ -130,7 +130,6 @@ def extract_features(
     ExtractionCancelled is raised. ``dtype`` is the on-disk precision (float16 halves the
     files; features are computed in float32 or the encoder's autocast precision).
     """
-    import h5py
     import torch
 
     t_start = time.perf_counter()
@@ -147,6 +146,10 @@ def extract_features(
     if n == 0:
         raise FeatureStoreError(f"{name}: the patch grid is empty, nothing to encode")
     n_chunks = -(-n // chunk_size)
+
+    def chunk_rows(c: int) -> np.ndarray:
+        return np.arange(c * chunk_size, min(n, (c + 1) * chunk_size))
+
     partial = final.with_name(final.stem + ".partial.h5")
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -156,8 +159,8 @@ def extract_features(
     threads = torch.get_num_threads()
     try:
         done_chunks = np.asarray(fh["chunk_done"][:], bool)
-        resumed_from = int(sum(min(chunk_size, n - c * chunk_size) for c in np.flatnonzero(done_chunks)))
-        todo = np.concatenate([np.arange(c * chunk_size, min(n, (c + 1) * chunk_size)) for c in np.flatnonzero(~done_chunks)] or [np.zeros(0, np.int64)])
+        resumed_from = int(sum(len(chunk_rows(c)) for c in np.flatnonzero(done_chunks)))
+        todo = np.concatenate([chunk_rows(c) for c in np.flatnonzero(~done_chunks)] or [np.zeros(0, np.int64)])
         device = encoder.device
         if num_workers is None:
             num_workers = min(4, os.cpu_count() or 1)
@@ -186,7 +189,7 @@ def extract_features(
             indices, ok = indices.numpy(), ok.numpy()
             for row, index, good in zip(feats, indices, ok):
                 buffers.setdefault(int(index) // chunk_size, []).append((int(index), row, bool(good)))
-            for c in [c for c, rows in buffers.items() if len(rows) == min(chunk_size, n - c * chunk_size)]:
+            for c in [c for c, rows in buffers.items() if len(rows) == len(chunk_rows(c))]:
                 _write_chunk(fh, partial, buffers.pop(c), c)
             processed += len(indices)
             if progress is not None:

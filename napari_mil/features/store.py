@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_mil._h5 import plain_attr
 from napari_mil.errors import FeatureStoreError
 
 
@@ -92,9 +93,9 @@ class FeatureBag:
                     raise FeatureStoreError(f"{path.name} is not a feature file: it needs 'features' and 'coords' datasets")
                 features = np.asarray(fh["features"][:])
                 coords = np.asarray(fh["coords"][:], np.int64)
-                attrs = {k: _plain(v) for k, v in fh["coords"].attrs.items()}
-                attrs.update({k: _plain(v) for k, v in fh["features"].attrs.items()})
-                attrs.update({k: _plain(v) for k, v in fh.attrs.items()})
+                attrs = {k: plain_attr(v) for k, v in fh["coords"].attrs.items()}
+                attrs.update({k: plain_attr(v) for k, v in fh["features"].attrs.items()})
+                attrs.update({k: plain_attr(v) for k, v in fh.attrs.items()})
                 skipped = np.asarray(fh["skipped_coords"][:], np.int64) if "skipped_coords" in fh else np.zeros((0, 2), np.int64)
         except OSError as exc:
             raise FeatureStoreError(f"cannot read {path.name}: {exc}") from None
@@ -153,7 +154,7 @@ def cached_bag(path: Path, key: str) -> FeatureBag | None:
 
     try:
         with h5py.File(path, "r") as fh:
-            if _plain(fh.attrs.get("cache_key", "")) != key:
+            if plain_attr(fh.attrs.get("cache_key", "")) != key:
                 return None
     except OSError:
         return None
@@ -177,11 +178,3 @@ def _attr(value):
     return value
 
 
-def _plain(value):
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray) and value.shape == ():
-        return value.item()
-    return value

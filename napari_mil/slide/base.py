@@ -177,18 +177,6 @@ class Slide:
         self.close()
 
 
-def rgba_to_rgb(rgba: np.ndarray, background: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
-    """Composite non-premultiplied RGBA over a background colour (transparent = not scanned)."""
-    rgb = rgba[..., :3]
-    alpha = rgba[..., 3]
-    if alpha.min() == 255:
-        return rgb  # a strided view: copying here would cost as much as a third of the decode
-    a = alpha[..., None].astype(np.uint16)
-    bg = np.asarray(background, dtype=np.uint16)
-    out = (rgb.astype(np.uint16) * a + bg * (255 - a) + 127) // 255
-    return out.astype(np.uint8)
-
-
 def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
     """Open a slide with OpenSlide, falling back to tifffile for plain and OME TIFF.
 

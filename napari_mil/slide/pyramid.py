@@ -10,9 +10,11 @@ from napari_mil.slide.base import Slide
 
 
 def level_chunks(slide: Slide, level: int) -> tuple[int, int, int]:
-    """Chunk shape aligned to the slide's tiles at this level (at least 256 px a side)."""
+    """Chunk shape: the slide's tile at this level (at least 64 px a side).
+
+    Aperio's 240 px tiles are fine; the floor only guards against degenerate tile sizes.
+    """
     th, tw = slide.tile_sizes[level]
-    # tiny tiles (e.g. 240 px in some Aperio files) are fine; only guard against degenerate ones
     return (max(th, 64), max(tw, 64), 3)
 
 

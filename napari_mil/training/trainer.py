@@ -107,7 +107,8 @@ def train(train_bags, val_bags, cfg: TrainConfig, checkpoint: str | Path | None 
     mhim = MHIMTrainer(model, cfg.mhim, cfg.epochs * len(train_bags), seed=cfg.seed) if cfg.mhim else None
     use_amp = cfg.amp and device.type == "cuda"
     history, best_loss, best_epoch, best_state, stale = [], float("inf"), -1, None, 0
-    meta = {"train_config": _jsonable(asdict(cfg)), "in_dim": in_dim, "n_classes": n_classes, **(extra_meta or {})}
+    meta = {"train_config": _jsonable(asdict(cfg)), "model": cfg.model, "model_cfg": cfg.model_cfg,
+            "in_dim": in_dim, "n_classes": n_classes, **(extra_meta or {})}
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -141,8 +142,7 @@ def train(train_bags, val_bags, cfg: TrainConfig, checkpoint: str | Path | None 
             best_loss, best_epoch, stale = val_loss, epoch + 1, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if checkpoint is not None:
-                save_checkpoint(checkpoint, model, {**meta, "model": cfg.model, "model_cfg": cfg.model_cfg,
-                                                    "epoch": epoch + 1, "val_loss": val_loss})
+                save_checkpoint(checkpoint, model, {**meta, "epoch": epoch + 1, "val_loss": val_loss})
         else:
             stale += 1
         if on_epoch is not None:
@@ -155,8 +155,7 @@ def train(train_bags, val_bags, cfg: TrainConfig, checkpoint: str | Path | None 
     threshold = choose_threshold(labels == n_classes - 1, probs[:, -1]) if len(set(labels)) > 1 else 0.5
     metrics = binary_metrics(labels == n_classes - 1, probs[:, -1], threshold)
     if checkpoint is not None:
-        save_checkpoint(checkpoint, model, {**meta, "model": cfg.model, "model_cfg": cfg.model_cfg,
-                                            "epoch": best_epoch, "val_loss": best_loss, "threshold": threshold,
+        save_checkpoint(checkpoint, model, {**meta, "epoch": best_epoch, "val_loss": best_loss, "threshold": threshold,
                                             "val_metrics": metrics})
     if device.type == "cuda":
         torch.cuda.empty_cache()
