@@ -35,7 +35,7 @@ def create_model(name: str, in_dim: int, n_classes: int = 2, **cfg):
         raise NapariMilError(f"unknown model {name!r}; choose one of {', '.join(sorted(_MODELS))}")
     try:
         return _MODELS[name](in_dim=in_dim, n_classes=n_classes, **cfg)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise NapariMilError(f"model {name!r}: {exc}") from None
 
 

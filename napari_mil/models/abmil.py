@@ -34,19 +34,34 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
     return torch.softmax(scores, dim=1)
 
 
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+def activation(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
 class ABMIL(nn.Module):
+    """Ilse et al.'s ABMIL. ``embed_activation``, ``attn_activation`` and ``attn_bias`` exist to
+    reproduce models trained elsewhere: MHIM-MIL's ABMIL uses ReLU (or GELU) and bias-free
+    attention layers, CLAM's attention network the paper's tanh with biases."""
+
     def __init__(self, in_dim: int, n_classes: int = 2, embed_dim: int = 128, attn_dim: int = 128,
-                 gated: bool = False, dropout: float = 0.0):
+                 gated: bool = False, dropout: float = 0.0, embed_activation: str = "relu",
+                 attn_activation: str = "tanh", attn_bias: bool = True):
         super().__init__()
-        self.embed = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
-        self.attn_v = nn.Linear(embed_dim, attn_dim)
-        self.attn_u = nn.Linear(embed_dim, attn_dim) if gated else None
-        self.attn_w = nn.Linear(attn_dim, 1)
+        self.embed = nn.Sequential(nn.Linear(in_dim, embed_dim), activation(embed_activation), nn.Dropout(dropout))
+        self.attn_v = nn.Linear(embed_dim, attn_dim, bias=attn_bias)
+        self.attn_act = activation(attn_activation)
+        self.attn_u = nn.Linear(embed_dim, attn_dim, bias=attn_bias) if gated else None
+        self.attn_w = nn.Linear(attn_dim, 1, bias=attn_bias)
         self.classifier = nn.Linear(embed_dim, n_classes)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         h = self.embed(x)  # (B, N, E)
-        a = torch.tanh(self.attn_v(h))  # (B, N, A)
+        a = self.attn_act(self.attn_v(h))  # (B, N, A)
         if self.attn_u is not None:
             a = a * torch.sigmoid(self.attn_u(h))
         attention = masked_softmax(self.attn_w(a).squeeze(-1), mask)  # (B, N)

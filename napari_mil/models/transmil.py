@@ -25,14 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_mil.models.abmil import MILOutput
+from napari_mil.models.abmil import MILOutput, activation
 
 
 def iterative_pinv(x: torch.Tensor, iterations: int = 6) -> torch.Tensor:
-    """Moore-Penrose pseudo-inverse by the iteration of Razavi et al. (2014), as Nyströmformer."""
-    abs_x = x.abs()
-    col, row = abs_x.sum(-1), abs_x.sum(-2)
-    z = x.transpose(-1, -2) / (col.amax(-1) * row.amax(-1))[..., None, None]
+    """Moore-Penrose pseudo-inverse of (B, H, m, m) matrices by the iteration of Razavi et al.
+    (2014), as Nyströmformer."""
+    abs_x = x.abs()  # (B, H, m, m)
+    # initial scale: the largest row and column sums over all heads of a bag, as the reference
+    # implementation that official checkpoints were trained with (per bag, so bags stay independent)
+    col, row = abs_x.sum(-1).amax((1, 2)), abs_x.sum(-2).amax((1, 2))  # (B,)
+    z = x.transpose(-1, -2) / (col * row)[:, None, None, None]
     eye = torch.eye(x.shape[-1], device=x.device, dtype=x.dtype)
     for _ in range(iterations):
         xz = x @ z
@@ -100,16 +103,36 @@ class PPEG(nn.Module):
     def forward(self, x: torch.Tensor, side: int) -> torch.Tensor:
         b, _, c = x.shape
         cls, feat = x[:, :1], x[:, 1:]  # (B, 1, C), (B, side^2, C)
+        return torch.cat([cls, self.encode(feat, side)], dim=1)
+
+    def encode(self, feat: torch.Tensor, side: int) -> torch.Tensor:
+        """(B, side^2, C) tokens -> the same tokens plus their positional encoding."""
+        b, _, c = feat.shape
         grid = feat.transpose(1, 2).reshape(b, c, side, side)  # (B, C, side, side)
         grid = grid + self.proj(grid) + self.proj1(grid) + self.proj2(grid)
-        return torch.cat([cls, grid.flatten(2).transpose(1, 2)], dim=1)
+        return grid.flatten(2).transpose(1, 2)
+
+    def encode_padded(self, feat: torch.Tensor) -> torch.Tensor:
+        """MHIM-MIL's placement: the N instance tokens are squared inside the module (copies of
+        the first tokens, then zeros up to at least 7 x 7), encoded, and cut back to N."""
+        b, n, c = feat.shape
+        side = math.ceil(math.sqrt(n))
+        padded = torch.cat([feat, feat[:, : side * side - n]], dim=1)
+        if side < 7:
+            side = 7
+            padded = torch.cat([padded, padded.new_zeros(b, side * side - padded.shape[1], c)], dim=1)
+        return self.encode(padded, side)[:, :n]
 
 
 class TransMIL(nn.Module):
     def __init__(self, in_dim: int, n_classes: int = 2, dim: int = 512, heads: int = 8, landmarks: int = 256,
-                 dropout: float = 0.1, attention_layer: int = 1, attention_head: int | None = None):
+                 dropout: float = 0.1, attention_layer: int = 1, attention_head: int | None = None,
+                 embed_activation: str = "relu", positional: str = "transmil"):
         super().__init__()
-        self.fc1 = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())
+        if positional not in ("transmil", "mhim"):
+            raise ValueError(f"positional must be 'transmil' or 'mhim', not {positional!r}")
+        self.positional = positional  # 'mhim': MHIM-MIL's variant, for its checkpoints (see PPEG)
+        self.fc1 = nn.Sequential(nn.Linear(in_dim, dim), activation(embed_activation))
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
         self.layer1 = TransLayer(dim, heads, landmarks, dropout)
         self.pos_layer = PPEG(dim)
@@ -129,6 +152,13 @@ class TransMIL(nn.Module):
             return MILOutput(torch.cat([o.logits for o in outs]), torch.cat([o.embedding for o in outs]), attention)
         h = self.fc1(x)  # (B, N, dim)
         b, n, _ = h.shape
+        if self.positional == "mhim":  # no squaring of the sequence; PPEG squares internally
+            h = torch.cat([self.cls_token.expand(b, -1, -1), h], dim=1)  # (B, 1 + N, dim)
+            h, row1 = self.layer1(h)
+            h = torch.cat([h[:, :1], self.pos_layer.encode_padded(h[:, 1:])], dim=1)
+            h, row2 = self.layer2(h)
+            z = self.norm(h)[:, 0]
+            return MILOutput(self.fc2(z), z, self.instance_attention(row1, row2, n, 0))
         side = math.ceil(math.sqrt(n))
         extra = side * side - n
         h = torch.cat([h, h[:, :extra]], dim=1)  # (B, side^2, dim): copies of the first instances
