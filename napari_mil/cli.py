@@ -279,7 +279,7 @@ def cmd_predict(args) -> int:
         try:
             bag = FeatureBag.load(feature_path(args.features, args.encoder, slide_id))
             if model is None:
-                model, meta = load_checkpoint(args.checkpoint, feature_dim=bag.dim)
+                model, meta = load_checkpoint(args.checkpoint, feature_dim=bag.dim, part=args.part)
             elif bag.dim != meta["in_dim"]:
                 raise NapariMilError(f"{slide_id}: {bag.dim}-d features, the checkpoint expects {meta['in_dim']}")
             if len(bag) == 0:
@@ -435,7 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="predict slides and write their attention with a checkpoint")
     pr.add_argument("slides", nargs="+", help="slide ids with features under --features")
-    pr.add_argument("--checkpoint", required=True, help="checkpoint path (without .json/.safetensors)")
+    pr.add_argument("--checkpoint", required=True,
+                    help="napari-mil checkpoint (path without .json/.safetensors), or a .pt/.pth/.ckpt file of the "
+                         "official TransMIL, MHIM-MIL or CLAM code")
+    pr.add_argument("--part", choices=("student", "teacher"), default="student",
+                    help="for MHIM-MIL files: the student ('model') or the EMA teacher")
     pr.add_argument("--features", required=True)
     pr.add_argument("--encoder", default="hne_stats")
     pr.add_argument("--out", "-o", required=True, help="folder for predictions.csv and attention/<slide>.h5")

@@ -7,7 +7,7 @@ that sums to 1 over the real instances.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from napari_mil.errors import NapariMilError
 

@@ -80,10 +80,11 @@ class NystromAttention(nn.Module):
 
 
 class TransLayer(nn.Module):
-    def __init__(self, dim: int = 512, heads: int = 8, landmarks: int = 256, dropout: float = 0.1):
+    def __init__(self, dim: int = 512, heads: int = 8, landmarks: int = 256, dropout: float = 0.1,
+                 dim_head: int | None = None):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.attn = NystromAttention(dim, heads, dim // heads, landmarks, 6, 33, dropout)
+        self.attn = NystromAttention(dim, heads, dim_head or dim // heads, landmarks, 6, 33, dropout)
 
     def forward(self, x):
         out, row = self.attn(self.norm(x))
@@ -101,7 +102,6 @@ class PPEG(nn.Module):
         self.proj2 = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
 
     def forward(self, x: torch.Tensor, side: int) -> torch.Tensor:
-        b, _, c = x.shape
         cls, feat = x[:, :1], x[:, 1:]  # (B, 1, C), (B, side^2, C)
         return torch.cat([cls, self.encode(feat, side)], dim=1)
 
@@ -127,16 +127,16 @@ class PPEG(nn.Module):
 class TransMIL(nn.Module):
     def __init__(self, in_dim: int, n_classes: int = 2, dim: int = 512, heads: int = 8, landmarks: int = 256,
                  dropout: float = 0.1, attention_layer: int = 1, attention_head: int | None = None,
-                 embed_activation: str = "relu", positional: str = "transmil"):
+                 embed_activation: str = "relu", positional: str = "transmil", dim_head: int | None = None):
         super().__init__()
         if positional not in ("transmil", "mhim"):
             raise ValueError(f"positional must be 'transmil' or 'mhim', not {positional!r}")
         self.positional = positional  # 'mhim': MHIM-MIL's variant, for its checkpoints (see PPEG)
         self.fc1 = nn.Sequential(nn.Linear(in_dim, dim), activation(embed_activation))
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.layer1 = TransLayer(dim, heads, landmarks, dropout)
+        self.layer1 = TransLayer(dim, heads, landmarks, dropout, dim_head)
         self.pos_layer = PPEG(dim)
-        self.layer2 = TransLayer(dim, heads, landmarks, dropout)
+        self.layer2 = TransLayer(dim, heads, landmarks, dropout, dim_head)
         self.norm = nn.LayerNorm(dim)
         self.fc2 = nn.Linear(dim, n_classes)
         self.attention_layer = attention_layer  # 0: first layer, 1: second (default), -1: their mean

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -182,12 +182,28 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict) -> Pat
     return base
 
 
-def load_checkpoint(path: str | Path, feature_dim: int | None = None, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+FOREIGN_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+
+
+def load_checkpoint(path: str | Path, feature_dim: int | None = None, device: str = "cpu",
+                    part: str = "student", **foreign_options) -> tuple[torch.nn.Module, dict]:
     """Rebuild a model from ``path.json`` and ``path.safetensors``; refuse features of another
-    dimension and weights of another architecture with a clear message."""
+    dimension and weights of another architecture with a clear message.
+
+    A ``.pt``/``.pth``/``.ckpt``/``.bin`` file is a checkpoint of the official TransMIL, MHIM-MIL
+    or CLAM code, read without unpickling code (``napari_mil.models.interop``); ``part`` picks an
+    MHIM-MIL file's student or teacher, ``foreign_options`` its activations."""
     from safetensors.torch import load_file
 
     base = Path(path)
+    if base.suffix in FOREIGN_SUFFIXES:
+        from napari_mil.models.interop import ForeignCheckpointError, load_foreign_checkpoint
+
+        try:
+            model, meta = load_foreign_checkpoint(base, part, feature_dim, **foreign_options)
+        except ForeignCheckpointError as exc:
+            raise CheckpointError(str(exc)) from None
+        return model.to(device), meta
     if base.suffix in (".json", ".safetensors"):
         base = base.with_suffix("")
     config, weights = base.with_suffix(".json"), base.with_suffix(".safetensors")
