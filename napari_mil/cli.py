@@ -216,7 +216,8 @@ def cmd_train(args) -> int:
         folds = patient_folds(bags, args.folds, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = TrainConfig(model=args.model, epochs=args.epochs, lr=args.lr, seed=args.seed, mhim=mhim, device=args.device)
+    cfg = TrainConfig(model=args.model, epochs=args.epochs, lr=args.lr, seed=args.seed, mhim=mhim, device=args.device,
+                      teacher_init=args.teacher_init)
     rows, summary = [], {"folds": []}
     for k, fold in enumerate(folds):
         pick = lambda name: [bags[i] for i in fold[name]]  # noqa: E731
@@ -424,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", default="abmil", help="abmil, abmil_gated, extreme_abmil, transmil, mean_pool, max_pool")
     tr.add_argument("--mhim", default=None, help="train in MHIM-MIL mode with an official preset "
                     "(camelyon16_abmil, tcga_abmil, camelyon16_transmil, tcga_transmil)")
+    tr.add_argument("--teacher-init", default=None, metavar="CKPT",
+                    help="MHIM-MIL: start the teacher from this baseline checkpoint (napari-mil's or an official .pt)")
     tr.add_argument("--folds", type=int, default=5, help="patient-level folds when the CSV has no split column")
     tr.add_argument("--epochs", type=int, default=30)
     tr.add_argument("--lr", type=float, default=2e-4)

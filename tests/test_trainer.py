@@ -198,3 +198,19 @@ def test_cli_train_refuses_labels_without_features(cohort, tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
     assert main(["train", str(labels_csv), "--features", str(root / "run"), "--mhim", "c17", "--out", str(tmp_path / "m")]) == 2
     assert "unknown MHIM preset 'c17'" in capsys.readouterr().err
+
+
+def test_mhim_teacher_starts_from_a_baseline_checkpoint(bags, tmp_path):
+    base = train(bags[:10], bags[10:13], TrainConfig(epochs=2, seed=1), checkpoint=tmp_path / "baseline")
+    cfg = TrainConfig(epochs=1, seed=2, mhim=preset("camelyon16_abmil", mm=1.0), teacher_init=str(tmp_path / "baseline"))
+    result = train(bags[:10], bags[10:13], cfg)
+    for name, value in result.mhim.teacher.state_dict().items():  # mm = 1: the teacher stays the baseline
+        assert torch.equal(value, base.model.state_dict()[name]), name
+    plain = train(bags[:10], bags[10:13], TrainConfig(epochs=1, seed=2, mhim=preset("camelyon16_abmil", mm=1.0)))
+    assert not torch.equal(plain.mhim.teacher.embed[0].weight, base.model.embed[0].weight)
+
+    with pytest.raises(CheckpointError, match="the teacher's baseline is a abmil"):
+        train(bags[:10], bags[10:13], TrainConfig(model="transmil", epochs=1, mhim=preset("camelyon16_transmil"),
+                                                  teacher_init=str(tmp_path / "baseline")))
+    with pytest.raises(NapariMilError, match="needs MHIM-MIL mode"):
+        train(bags[:10], bags[10:13], TrainConfig(epochs=1, teacher_init=str(tmp_path / "baseline")))

@@ -45,6 +45,9 @@ class TrainConfig:
     class_weighting: bool = True
     seed: int = 0
     mhim: MHIMConfig | None = None
+    # MHIM-MIL: the teacher starts from this baseline checkpoint (napari-mil's or an official
+    # .pt) instead of the student's initialisation; the student takes the baseline's architecture
+    teacher_init: str | None = None
     device: str = "auto"
     amp: bool = True  # on CUDA only
 
@@ -98,16 +101,25 @@ def train(train_bags, val_bags, cfg: TrainConfig, checkpoint: str | Path | None 
     device = _device(cfg.device)
     in_dim = train_bags[0].features.shape[1]
     n_classes = int(max(b.label for b in train_bags + val_bags)) + 1
-    model = create_model(cfg.model, in_dim, n_classes, **cfg.model_cfg).to(device)
+    model_cfg, teacher_state = cfg.model_cfg, None
+    if cfg.teacher_init:
+        if cfg.mhim is None:
+            raise NapariMilError("a teacher initialisation needs MHIM-MIL mode (choose a preset)")
+        baseline, base_meta = load_checkpoint(cfg.teacher_init, feature_dim=in_dim)
+        if base_meta["model"] != cfg.model or base_meta["n_classes"] != n_classes:
+            raise CheckpointError(f"the teacher's baseline is a {base_meta['model']} with {base_meta['n_classes']} "
+                                  f"classes; train a {base_meta['model']} on {base_meta['n_classes']} classes with it")
+        model_cfg, teacher_state = base_meta.get("model_cfg", {}), baseline.state_dict()
+    model = create_model(cfg.model, in_dim, n_classes, **model_cfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     counts = np.bincount([b.label for b in train_bags], minlength=n_classes).astype(np.float64)
     weight = torch.tensor(counts.sum() / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device) \
         if cfg.class_weighting else None
-    mhim = MHIMTrainer(model, cfg.mhim, cfg.epochs * len(train_bags), seed=cfg.seed) if cfg.mhim else None
+    mhim = MHIMTrainer(model, cfg.mhim, cfg.epochs * len(train_bags), teacher_state, seed=cfg.seed) if cfg.mhim else None
     use_amp = cfg.amp and device.type == "cuda"
     history, best_loss, best_epoch, best_state, stale = [], float("inf"), -1, None, 0
-    meta = {"train_config": _jsonable(asdict(cfg)), "model": cfg.model, "model_cfg": cfg.model_cfg,
+    meta = {"train_config": _jsonable(asdict(cfg)), "model": cfg.model, "model_cfg": model_cfg,
             "in_dim": in_dim, "n_classes": n_classes, **(extra_meta or {})}
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
