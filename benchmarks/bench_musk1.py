@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--models", default="abmil,abmil_gated,extreme_abmil,transmil")
+    parser.add_argument("--out", default="musk1.json", help="results file under benchmarks/results/")
     args = parser.parse_args()
     from bench_slide_to_tiles import machine
 
@@ -96,7 +97,7 @@ def main() -> None:
     results = {"machine": machine(), "protocol": __doc__.split("Protocol.")[1].strip(), "models": []}
     for name in args.models.split(","):
         t0 = time.perf_counter()
-        repeat_means = []
+        repeat_means, fold_accs = [], []
         for r in range(args.repeats):
             rng = np.random.default_rng(1000 + r)
             accs = []
@@ -105,15 +106,19 @@ def main() -> None:
                 accs.append(fit_and_score(name, [bags[i] for i in train], labels[train], [bags[i] for i in test],
                                           labels[test], args.epochs, seed=100 * r + f))
             repeat_means.append(float(np.mean(accs)))
-        mean, sd = float(np.mean(repeat_means)), float(np.std(repeat_means))
+            fold_accs += accs
+        # the spread over repetitions of the 10-fold mean; with one repetition, over its folds
+        spread = repeat_means if args.repeats > 1 else fold_accs
+        mean, sd = float(np.mean(repeat_means)), float(np.std(spread))
         seconds = time.perf_counter() - t0
         results["models"].append({"model": name, "accuracy_mean": round(mean, 3), "accuracy_sd": round(sd, 3),
-                                  "repeat_means": [round(v, 3) for v in repeat_means], "seconds": round(seconds, 1),
+                                  "repeat_means": [round(v, 3) for v in repeat_means],
+                                  "sd_over": "repetitions" if args.repeats > 1 else "folds", "seconds": round(seconds, 1),
                                   "paper": PAPER.get(name, "")})
         paper = f" (Ilse et al. 2018: {PAPER[name]})" if name in PAPER else ""
         print(f"{name:14s} accuracy {mean:.3f} ± {sd:.3f}{paper}  [{args.repeats}x{args.folds}-fold, {seconds:.0f} s]", flush=True)
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "musk1.json").write_text(json.dumps(results, indent=2))
+    (HERE / "results" / args.out).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
