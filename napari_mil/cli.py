@@ -205,7 +205,7 @@ def cmd_train(args) -> int:
     try:
         records = read_labels(args.labels)
         bags = load_bags(records, args.features, args.encoder)
-        mhim = preset(args.mhim) if args.mhim else None
+        mhim = preset(args.mhim, score=args.mhim_score) if args.mhim else None
     except (NapariMilError, KeyError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
@@ -425,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", default="abmil", help="abmil, abmil_gated, extreme_abmil, transmil, mean_pool, max_pool")
     tr.add_argument("--mhim", default=None, help="train in MHIM-MIL mode with an official preset "
                     "(camelyon16_abmil, tcga_abmil, camelyon16_transmil, tcga_transmil)")
+    tr.add_argument("--mhim-score", choices=("attention", "class_aware"), default="attention",
+                    help="how the MHIM-MIL teacher ranks instances: its attention, or MHIM-v2's class-aware score")
     tr.add_argument("--teacher-init", default=None, metavar="CKPT",
                     help="MHIM-MIL: start the teacher from this baseline checkpoint (napari-mil's or an official .pt)")
     tr.add_argument("--folds", type=int, default=5, help="patient-level folds when the CSV has no split column")

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from napari_mil.errors import NapariMilError
 from napari_mil.models import create_model
 from napari_mil.training.mhim import (
     PRESETS,
     MHIMConfig,
     MHIMTrainer,
+    class_aware_score,
     consistency_loss,
     cosine_schedule,
     ema_update,
@@ -109,3 +111,29 @@ def test_presets_are_the_official_recipes():
     assert (c16.mask_ratio, c16.mask_ratio_h, c16.mask_ratio_hr, c16.alpha) == (0.5, 0.01, 0.5, 0.1)
     with pytest.raises(KeyError, match="camelyon16_abmil"):
         preset("c17")
+
+
+def test_class_aware_score_matches_a_hand_computation_and_drives_the_masks():
+    torch.manual_seed(1)
+    model = create_model("abmil", in_dim=6, n_classes=2, embed_dim=4, attn_dim=3).eval()
+    x = torch.randn(1, 5, 6)
+    out = model(x)
+    h = torch.relu(x[0] @ model.embed[0].weight.T + model.embed[0].bias)  # (5, 4)
+    a = out.attention[0]
+    expected = []
+    for k in range(5):
+        logits = model.classifier.weight @ (a[k] * h[k])  # the bias is the same for every instance: left out
+        expected.append(torch.softmax(logits, 0).max())
+    assert torch.allclose(class_aware_score(model, out)[0], torch.stack(expected), atol=1e-6)
+
+    # the teacher masks by that score, not by attention, when asked to
+    cfg = MHIMConfig(mask_ratio_h=0.4, mask_ratio_hr=1.0, score="class_aware")
+    trainer = MHIMTrainer(model, cfg, total_steps=1)
+    _, _, masks = trainer.loss(x, torch.tensor([1]))
+    top = set(torch.argsort(class_aware_score(trainer.teacher, trainer.teacher(x))[0], descending=True)[:2].tolist())
+    assert set(torch.nonzero(masks.high).flatten().tolist()) == top
+
+    with pytest.raises(NapariMilError, match="attention-pooling model"):
+        MHIMTrainer(create_model("transmil", in_dim=6, dim=16, heads=2, landmarks=4), cfg, 1).loss(x, torch.tensor([1]))
+    with pytest.raises(NapariMilError, match="score must be"):
+        MHIMTrainer(model, MHIMConfig(score="gradcam"), 1)

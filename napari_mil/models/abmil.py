@@ -25,6 +25,9 @@ class MILOutput:
     logits: torch.Tensor  # (B, C)
     embedding: torch.Tensor  # (B, E)
     attention: torch.Tensor  # (B, N), sums to 1 over the unmasked instances
+    # (B, N, E) instance embeddings h_k when the bag embedding is sum_k a_k h_k (attention pooling);
+    # MHIM-v2's class-aware instance score needs them
+    instances: torch.Tensor | None = None
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -66,7 +69,7 @@ class ABMIL(nn.Module):
             a = a * torch.sigmoid(self.attn_u(h))
         attention = masked_softmax(self.attn_w(a).squeeze(-1), mask)  # (B, N)
         z = torch.einsum("bn,bne->be", attention, h)  # (B, E)
-        return MILOutput(self.classifier(z), z, attention)
+        return MILOutput(self.classifier(z), z, attention, h)
 
 
 class ExtremeABMIL(nn.Module):
@@ -95,7 +98,7 @@ class ExtremeABMIL(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
         attention = self.attention(x, mask)
         z = torch.einsum("bn,bnd->bd", attention, x)  # (B, D)
-        return MILOutput(self.classifier(z), z, attention)
+        return MILOutput(self.classifier(z), z, attention, x)
 
     @torch.no_grad()
     def fit_classifier_ridge(self, bags: list[torch.Tensor], labels: torch.Tensor, ridge: float = 1e-2) -> None:

@@ -24,7 +24,7 @@ class MeanPoolMIL(_EmbeddedInstances):
         h = self.embed(x)  # (B, N, E)
         attention = masked_softmax(torch.zeros(h.shape[:2], device=h.device, dtype=h.dtype), mask)  # (B, N)
         z = torch.einsum("bn,bne->be", attention, h)  # (B, E)
-        return MILOutput(self.classifier(z), z, attention)
+        return MILOutput(self.classifier(z), z, attention, h)
 
 
 class MaxPoolMIL(_EmbeddedInstances):

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_mil.errors import NapariMilError
+
 
 @dataclass(frozen=True)
 class MHIMConfig:
@@ -39,6 +41,8 @@ class MHIMConfig:
     temp_t: float = 0.1
     temp_s: float = 1.0
     attn_layer: int = 0  # for TransMIL teachers: the layer whose class-token attention scores
+    # how the teacher ranks instances: "attention", or MHIM-v2's "class_aware" score
+    score: str = "attention"
 
 
 # The official recipes (README of DearCaat/MHIM-MIL), by dataset and model.
@@ -106,6 +110,19 @@ def select_masks(attention: torch.Tensor, cfg: MHIMConfig, mask_ratio_h: float |
     return InstanceMasks(high, low, rand)
 
 
+def class_aware_score(model: torch.nn.Module, out) -> torch.Tensor:
+    """MHIM-v2's class-aware instance score (B, N): each instance's share of the bag embedding,
+    a_k h_k, put through the bag classifier's weights; the score is the highest class probability
+    of that contribution, so instances that push the bag confidently towards a class rank first.
+    Needs an attention-pooling model (``MILOutput.instances``) with a linear ``classifier``."""
+    if out.instances is None or not isinstance(getattr(model, "classifier", None), torch.nn.Linear):
+        raise NapariMilError(f"the class-aware score needs an attention-pooling model (ABMIL, Extreme ABMIL, mean "
+                             f"pooling); {type(model).__name__} is not one")
+    contribution = out.attention[..., None] * out.instances  # (B, N, E)
+    logits = contribution @ model.classifier.weight.T  # (B, N, C)
+    return torch.softmax(logits.float(), dim=-1).amax(-1)
+
+
 def consistency_loss(student: torch.Tensor, teacher: torch.Tensor, temp_t: float, temp_s: float) -> torch.Tensor:
     """Soft-target cross-entropy of student bag embeddings (B, E) against the teacher's."""
     target = F.softmax(teacher.detach() / temp_t, dim=-1)
@@ -138,6 +155,8 @@ class MHIMTrainer:
     """
 
     def __init__(self, student, cfg: MHIMConfig, total_steps: int, teacher_init: dict | None = None, seed: int = 0):
+        if cfg.score not in ("attention", "class_aware"):
+            raise NapariMilError(f"score must be 'attention' or 'class_aware', not {cfg.score!r}")
         self.student = student
         self.teacher = make_teacher(student, teacher_init)
         if hasattr(self.teacher, "attention_layer"):  # TransMIL: score with the configured layer
@@ -163,7 +182,8 @@ class MHIMTrainer:
         """Loss for one bag x (1, N, D); returns (loss, student output, masks)."""
         with torch.no_grad():
             teacher_out = self.teacher(x)
-        masks = select_masks(teacher_out.attention[0], self.cfg, self.current_ratio_h(), self.generator)
+            scores = teacher_out.attention if self.cfg.score == "attention" else class_aware_score(self.teacher, teacher_out)
+        masks = select_masks(scores[0], self.cfg, self.current_ratio_h(), self.generator)
         self.history.append(masks)
         out = self.student(x[:, masks.kept])
         loss = F.cross_entropy(out.logits, label, weight=class_weight)
