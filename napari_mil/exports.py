@@ -1,0 +1,168 @@
+"""Exports of attention maps: QuPath GeoJSON, per-patch CSV, PNG overlays and top-k patches.
+
+Several maps over the same patches (a teacher and its student) go into one file, each map's
+columns prefixed with its name. Every file is written to a temporary name and renamed into
+place, so an interrupted export never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from napari_mil.errors import NapariMilError
+from napari_mil.heatmaps import MASK_KINDS, AttentionMap
+
+MASK_LABELS = {"high": "masked random-high", "low": "masked low", "random": "masked random"}
+
+
+def _check_same_patches(maps: dict[str, AttentionMap]) -> AttentionMap:
+    if not maps:
+        raise NapariMilError("nothing to export: no attention map")
+    first = next(iter(maps.values()))
+    for name, m in maps.items():
+        if len(m) != len(first) or not np.array_equal(m.coords, first.coords):
+            raise NapariMilError(f"map {name!r} covers other patches than {next(iter(maps))!r}")
+    return first
+
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def patch_table(maps: dict[str, AttentionMap]) -> tuple[list[str], list[np.ndarray]]:
+    """Column names and (N,) columns: geometry, then per map attention, percentile, rank and masks."""
+    first = _check_same_patches(maps)
+    size = first.patch_size_level0
+    names = ["x", "y", "width", "height"]
+    columns = [first.coords[:, 0], first.coords[:, 1], np.full(len(first), size), np.full(len(first), size)]
+    for name, m in maps.items():
+        names += [f"{name} attention", f"{name} percentile", f"{name} rank"]
+        columns += [m.values, m.normalised("rank"), m.ranks()]
+        for kind in MASK_KINDS:
+            if kind in m.masked:
+                names.append(f"{name} {MASK_LABELS[kind]}")
+                columns.append(m.masked[kind].astype(np.int8))
+    return names, columns
+
+
+def export_csv(path: str | Path, maps: dict[str, AttentionMap]) -> Path:
+    """One row per patch: level-0 x, y, width, height, then each map's attention, percentile
+    rank (0-1), rank (1 = highest) and masked flags (0/1)."""
+    names, columns = patch_table(maps)
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as fh:
+            out = csv.writer(fh)
+            out.writerow(names)
+            out.writerows(zip(*[c.tolist() for c in columns]))
+
+    return _atomic(Path(path), write)
+
+
+def export_geojson(path: str | Path, maps: dict[str, AttentionMap]) -> Path:
+    """A GeoJSON FeatureCollection that QuPath imports (File > Import objects, or drag and drop):
+    one detection per patch, a square in level-0 pixels, with the table's values as measurements
+    (colour them with Measure > Show measurement maps)."""
+    names, columns = patch_table(maps)
+    first = next(iter(maps.values()))
+    size = first.patch_size_level0
+    measured = list(zip(names[4:], columns[4:]))
+    rows = [[float(v) for v in values] for values in zip(*[c.tolist() for _, c in measured])]
+
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            fh.write('{"type": "FeatureCollection", "features": [\n')
+            for i, (x, y) in enumerate(first.coords.tolist()):
+                feature = {
+                    "type": "Feature",
+                    "geometry": {"type": "Polygon",
+                                 "coordinates": [[[x, y], [x + size, y], [x + size, y + size], [x, y + size], [x, y]]]},
+                    "properties": {"objectType": "detection", "name": f"patch {i}",
+                                   "measurements": dict(zip((n for n, _ in measured), rows[i]))},
+                }
+                fh.write(("," if i else "") + json.dumps(feature, separators=(",", ":")) + "\n")
+            fh.write("]}\n")
+
+    return _atomic(Path(path), write)
+
+
+def colormap_lut(name: str = "inferno") -> np.ndarray:
+    """(256, 4) uint8 RGBA of a napari colormap, so exported PNGs match the viewer's colours."""
+    from napari.utils.colormaps import ensure_colormap
+
+    return (ensure_colormap(name).map(np.linspace(0, 1, 256)) * 255).round().astype(np.uint8)
+
+
+def render_overlay(amap: AttentionMap, dimensions: tuple[int, int], downsample: float, how: str = "minmax",
+                   limits: tuple[float, float] | None = None, colormap: str = "inferno",
+                   background: np.ndarray | None = None, opacity: float = 0.6) -> np.ndarray:
+    """(H, W, 4) uint8 RGBA of the map over a slide of level-0 ``dimensions`` (width, height) at
+    ``downsample`` level-0 pixels per output pixel; transparent where there is no patch, or
+    blended over ``background`` (an RGB image of the slide at that size) with ``opacity``."""
+    from PIL import Image
+
+    if downsample <= 0:
+        raise NapariMilError("the downsample must be positive")
+    width, height = (max(1, round(d / downsample)) for d in dimensions)
+    values = amap.image(how)
+    low, high = limits or (float(np.nanmin(values)), float(np.nanmax(values)))
+    scaled = np.clip((values - low) / (high - low if high > low else 1.0), 0, 1)
+    lut = colormap_lut(colormap)
+    rgba = lut[np.nan_to_num(scaled * 255, nan=0).round().astype(np.uint8)]
+    rgba[np.isnan(values)] = 0
+    step = amap.step_level0 / downsample
+    cells = Image.fromarray(rgba).resize((max(1, round(rgba.shape[1] * step)), max(1, round(rgba.shape[0] * step))),
+                                         Image.Resampling.NEAREST)
+    canvas = Image.new("RGBA", (width, height), (0, 0, 0, 0))
+    x0, y0 = amap.coords.min(0)
+    canvas.paste(cells, (round(x0 / downsample), round(y0 / downsample)))
+    out = np.asarray(canvas)
+    if background is None:
+        return out
+    bg = np.asarray(Image.fromarray(np.asarray(background)[..., :3]).resize((width, height)), dtype=np.float32)
+    alpha = out[..., 3:4].astype(np.float32) / 255 * opacity
+    blended = bg * (1 - alpha) + out[..., :3].astype(np.float32) * alpha
+    return np.concatenate([blended.round().astype(np.uint8), np.full((height, width, 1), 255, np.uint8)], -1)
+
+
+def export_overlay_png(path: str | Path, amap: AttentionMap, dimensions: tuple[int, int], downsample: float,
+                       **options) -> Path:
+    """``render_overlay`` written as a PNG."""
+    from PIL import Image
+
+    image = render_overlay(amap, dimensions, downsample, **options)
+    return _atomic(Path(path), lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+
+
+def export_top_k(folder: str | Path, slide, amap: AttentionMap, k: int = 8, out_size: int = 256) -> list[Path]:
+    """The k highest-attention patches as PNGs, named by rank and level-0 position, read from
+    the slide level closest to ``out_size`` pixels per patch."""
+    from PIL import Image
+
+    folder = Path(folder)
+    size0 = amap.patch_size_level0
+    level = slide.best_level_for_downsample(size0 / out_size)
+    ds = slide.level_downsamples[level]
+    side = max(1, round(size0 / ds))
+    paths = []
+    for rank, i in enumerate(amap.top_k(k), start=1):
+        x, y = (int(v) for v in amap.coords[i])
+        patch = Image.fromarray(np.ascontiguousarray(slide.read_region((x, y), level, (side, side))[..., :3]))
+        if side != out_size:
+            patch = patch.resize((out_size, out_size), Image.Resampling.BILINEAR)
+        target = folder / f"{amap.name}_rank{rank:03d}_x{x}_y{y}.png"
+        paths.append(_atomic(target, lambda tmp, p=patch: p.save(tmp, format="PNG")))
+    return paths

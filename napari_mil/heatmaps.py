@@ -1,0 +1,132 @@
+"""Attention maps: one value per patch plus the grid geometry, normalised for display.
+
+A map is rendered one pixel per grid step: a small image whose ``scale`` and ``translate`` place
+it on the slide in level-0 pixels (a full-resolution heatmap is never made). Normalisations:
+
+- ``raw``: the attention weights themselves (a softmax over the bag: they sum to 1);
+- ``minmax``: rescaled to [0, 1] between the bag's lowest and highest weight;
+- ``rank``: percentile rank in [0, 1] (ties share their mean rank): the top patch is 1;
+- ``log``: log10(N x a), the weight relative to uniform attention 1/N on a log scale:
+  0 is average, 1 is ten times the average.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from napari_mil.errors import NapariMilError
+
+NORMALISATIONS = ("raw", "minmax", "rank", "log")
+MASK_KINDS = ("high", "low", "random")  # MHIM-MIL's masks: random-high, low, random
+
+
+@dataclass
+class AttentionMap:
+    coords: np.ndarray  # (N, 2) level-0 (x, y) of each patch's top-left corner
+    values: np.ndarray  # (N,) raw attention
+    patch_size_level0: int  # patch extent in level-0 pixels
+    step_level0: int | None = None  # grid spacing (patch size unless patches overlap)
+    name: str = "attention"
+    masked: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> (N,) bool
+
+    def __post_init__(self):
+        self.coords = np.asarray(self.coords, dtype=np.int64).reshape(-1, 2)
+        self.values = np.asarray(self.values, dtype=np.float64).reshape(-1)
+        if len(self.coords) != len(self.values):
+            raise NapariMilError(f"{len(self.values)} attention values for {len(self.coords)} patches: the map and "
+                                 "the features come from different grids")
+        if len(self.values) == 0:
+            raise NapariMilError("an attention map needs at least one patch")
+        if not np.isfinite(self.values).all():
+            raise NapariMilError("the attention has NaN or infinite values")
+        self.step_level0 = int(self.step_level0 or self.patch_size_level0)
+        for kind, flags in self.masked.items():
+            if kind not in MASK_KINDS or len(flags) != len(self.values):
+                raise NapariMilError(f"mask {kind!r} does not fit the map ({len(flags)} flags, {len(self.values)} patches)")
+        self.masked = {k: np.asarray(v, dtype=bool) for k, v in self.masked.items()}
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    # ---- values ------------------------------------------------------------------------------
+    def normalised(self, how: str = "minmax") -> np.ndarray:
+        """(N,) float32 values under the normalisation ``how``."""
+        a = self.values
+        if how == "raw":
+            out = a
+        elif how == "minmax":
+            span = a.max() - a.min()
+            out = (a - a.min()) / span if span > 0 else np.full_like(a, 0.5)
+        elif how == "rank":
+            out = (self.ranks(ascending=True) - 1) / max(len(a) - 1, 1)
+        elif how == "log":
+            out = np.log10(np.clip(a, 1e-12, None) * len(a))
+        else:
+            raise NapariMilError(f"unknown normalisation {how!r}; choose one of {', '.join(NORMALISATIONS)}")
+        return out.astype(np.float32)
+
+    def ranks(self, ascending: bool = False) -> np.ndarray:
+        """(N,) rank of each patch, 1 = highest attention (``ascending``: 1 = lowest); ties share
+        their mean rank."""
+        from scipy.stats import rankdata
+
+        return rankdata(self.values if ascending else -self.values, method="average")
+
+    def top_k(self, k: int) -> np.ndarray:
+        """Indices of the k patches with the highest attention, highest first."""
+        k = min(max(int(k), 0), len(self.values))
+        idx = np.argpartition(-self.values, k - 1)[:k] if 0 < k < len(self.values) else np.arange(len(self.values))
+        return idx[np.argsort(-self.values[idx], kind="stable")][:k]
+
+    # ---- rendering -----------------------------------------------------------------------------
+    def grid_index(self) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """Row and column of each patch in the one-pixel-per-step image, and its shape."""
+        origin = self.coords.min(0)
+        col, row = ((self.coords - origin) // self.step_level0).T
+        return row, col, (int(row.max()) + 1, int(col.max()) + 1)
+
+    def image(self, how: str = "minmax", values: np.ndarray | None = None) -> np.ndarray:
+        """(H, W) float32, one pixel per grid step, NaN where there is no patch."""
+        row, col, shape = self.grid_index()
+        img = np.full(shape, np.nan, dtype=np.float32)
+        img[row, col] = self.normalised(how) if values is None else values
+        return img
+
+    def mask_image(self, kind: str) -> np.ndarray:
+        """(H, W) uint8 labels: 1 where the patch was masked by ``kind``, else 0."""
+        row, col, shape = self.grid_index()
+        img = np.zeros(shape, dtype=np.uint8)
+        flags = self.masked.get(kind)
+        if flags is not None:
+            img[row[flags], col[flags]] = 1
+        return img
+
+    def placement(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """napari ``scale`` and ``translate`` (y, x) that put the image's pixel of a patch over the
+        first ``step`` level-0 pixels of that patch (the slide's pixel i spans [i - 0.5, i + 0.5])."""
+        s = float(self.step_level0)
+        x0, y0 = self.coords.min(0)
+        return (s, s), (y0 + s / 2 - 0.5, x0 + s / 2 - 0.5)
+
+    def patch_at(self, y: float, x: float) -> int | None:
+        """Index of the patch whose cell covers level-0 position (y, x), or None."""
+        row, col, shape = self.grid_index()
+        x0, y0 = self.coords.min(0)
+        r, c = int(np.floor((y + 0.5 - y0) / self.step_level0)), int(np.floor((x + 0.5 - x0) / self.step_level0))
+        if not (0 <= r < shape[0] and 0 <= c < shape[1]):
+            return None
+        hits = np.flatnonzero((row == r) & (col == c))
+        return int(hits[0]) if len(hits) else None
+
+
+def shared_limits(maps: list[AttentionMap], how: str) -> tuple[float, float]:
+    """Contrast limits common to several maps (for one colour bar over teacher and student)."""
+    lows, highs = zip(*[(float(v.min()), float(v.max())) for v in (m.normalised(how) for m in maps)])
+    if how in ("minmax", "rank"):
+        return 0.0, 1.0
+    if how == "raw":
+        return 0.0, max(max(highs), 1e-12)
+    low, high = min(lows), max(highs)
+    return (low, high) if high > low else (low - 1.0, high + 1.0)
