@@ -130,3 +130,45 @@ def shared_limits(maps: list[AttentionMap], how: str) -> tuple[float, float]:
         return 0.0, max(max(highs), 1e-12)
     low, high = min(lows), max(highs)
     return (low, high) if high > low else (low - 1.0, high + 1.0)
+
+
+def model_map(model, features: np.ndarray, coords: np.ndarray, patch_size_level0: int, name: str = "attention",
+              step_level0: int | None = None) -> tuple[AttentionMap, np.ndarray]:
+    """A model's attention over a whole bag as a map, and its class probabilities (C,)."""
+    import torch
+
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(features, np.float32), device=device)[None])
+    probs = torch.softmax(out.logits.float(), 1)[0].cpu().numpy()
+    return AttentionMap(coords, out.attention[0].float().cpu().numpy(), patch_size_level0, step_level0, name), probs
+
+
+def teacher_student_maps(teacher, student, features: np.ndarray, coords: np.ndarray, patch_size_level0: int,
+                         cfg, mask_ratio_h: float | None = None, seed: int = 0,
+                         step_level0: int | None = None) -> tuple[AttentionMap, AttentionMap]:
+    """MHIM-MIL's view of one slide: the teacher's attention over every patch, and the student's
+    attention over the patches the teacher leaves it (the hard instances), with the masks the
+    teacher's scores select under ``cfg`` (random-high, low, random). Masked patches get zero
+    student attention; ``mask_ratio_h`` is the scheduled value of the step shown."""
+    import torch
+
+    from napari_mil.training.mhim import class_aware_score, select_masks
+
+    device = next(teacher.parameters()).device
+    x = torch.as_tensor(np.asarray(features, np.float32), device=device)[None]
+    teacher.eval()
+    student.eval()
+    with torch.no_grad():
+        t_out = teacher(x)
+        scores = t_out.attention if cfg.score == "attention" else class_aware_score(teacher, t_out)
+        masks = select_masks(scores[0], cfg, mask_ratio_h, torch.Generator().manual_seed(seed))
+        kept = masks.kept
+        s_out = student(x[:, kept])
+    student_values = np.zeros(len(coords))
+    student_values[kept.cpu().numpy()] = s_out.attention[0].float().cpu().numpy()
+    flags = {kind: getattr(masks, kind).cpu().numpy() for kind in MASK_KINDS}
+    teacher_map = AttentionMap(coords, t_out.attention[0].float().cpu().numpy(), patch_size_level0, step_level0, "teacher")
+    student_map = AttentionMap(coords, student_values, patch_size_level0, step_level0, "student", flags)
+    return teacher_map, student_map

@@ -151,3 +151,31 @@ def test_top_k_patches_from_the_real_slide(cmu1_path, tmp_path):
         region = slide.read_region(tuple(int(v) for v in best), 0, (256, 256))[..., :3]
         expected = np.asarray(Image.fromarray(np.ascontiguousarray(region)).resize((128, 128), Image.Resampling.BILINEAR))
         assert img.shape == (128, 128, 3) and np.abs(img.astype(int) - expected).mean() < 1
+
+
+def test_teacher_student_maps_follow_the_teacher_masks():
+    import torch
+
+    from napari_mil.heatmaps import model_map, teacher_student_maps
+    from napari_mil.models import create_model
+    from napari_mil.training.mhim import MHIMConfig, make_teacher
+
+    torch.manual_seed(0)
+    student = create_model("abmil", in_dim=8)
+    teacher = make_teacher(student)
+    with torch.no_grad():
+        teacher.attn_w.weight.add_(torch.randn_like(teacher.attn_w.weight))  # a teacher that differs
+    features = np.random.default_rng(1).normal(size=(11, 8)).astype(np.float32)
+    coords = _map().coords
+    cfg = MHIMConfig(mask_ratio_h=0.3, mask_ratio_hr=1.0, mask_ratio_l=0.2)
+    t, s = teacher_student_maps(teacher, student, features, coords, 256, cfg)
+    full, probs = model_map(teacher, features, coords, 256)
+    assert np.allclose(t.values, full.values, atol=1e-6) and probs.sum() == pytest.approx(1)
+    assert t.values.sum() == pytest.approx(1) and s.values.sum() == pytest.approx(1)
+    order = np.argsort(-t.values)
+    assert set(np.flatnonzero(s.masked["high"])) == set(order[:3])  # int(0.3 * 11) = 3 highest
+    assert set(np.flatnonzero(s.masked["low"])) == set(order[-2:])  # int(0.2 * 11) = 2 lowest
+    masked = s.masked["high"] | s.masked["low"] | s.masked["random"]
+    assert np.all(s.values[masked] == 0) and np.all(s.values[~masked] > 0)
+    kept_out = student(torch.from_numpy(features[~masked])[None]).attention[0].detach().numpy()
+    assert np.allclose(s.values[~masked], kept_out, atol=1e-6)
