@@ -5,6 +5,7 @@
     napari-mil encoders
     napari-mil train LABELS.csv --features DIR --out MODELS [--model abmil] [--mhim PRESET]
     napari-mil predict SLIDE_ID ... --checkpoint CKPT --features DIR --out DIR
+    napari-mil export ATTENTION.h5 --out DIR [--formats geojson,csv,png,topk] [--slide SLIDE]
     napari-mil synthetic OUT.tif | --cohort N OUT_DIR
     napari-mil demo [--headless OUT]
 """
@@ -299,6 +300,9 @@ def cmd_predict(args) -> int:
                 fh.create_dataset("attention", data=result.attention[0].numpy())
                 fh.attrs["model"] = meta["model"]
                 fh.attrs["probability"] = prob
+                for key in ("patch_size_level0", "patch_size", "overlap", "name"):  # the grid geometry
+                    if key in bag.attrs:
+                        fh.attrs[key] = bag.attrs[key]
             tmp.replace(target)
         except NapariMilError as exc:
             failures += 1
@@ -309,6 +313,58 @@ def cmd_predict(args) -> int:
             for r in rows:
                 print(f"{r['slide_id']}: p = {float(r['probability']):.3f} -> class {r['predicted']}")
     return 1 if failures else 0
+
+
+def cmd_export(args) -> int:
+    """Attention files (from predict) -> QuPath GeoJSON, per-patch CSV, PNG overlay, top-k PNGs."""
+    import h5py
+
+    from napari_mil.exports import export_csv, export_geojson, export_overlay_png, export_top_k
+    from napari_mil.heatmaps import AttentionMap, grid_geometry
+    from napari_mil.slide import open_slide
+
+    formats = set(args.formats.split(","))
+    unknown = formats - {"geojson", "csv", "png", "topk"}
+    if unknown:
+        print(f"error: unknown format(s) {', '.join(sorted(unknown))}; use geojson, csv, png, topk", file=sys.stderr)
+        return 2
+    if formats & {"topk"} and not args.slide:
+        print("error: the top-k patches are read from the slide: give --slide", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    try:
+        with h5py.File(args.attention, "r") as fh:
+            coords, values, attrs = fh["coords"][:], fh["attention"][:], dict(fh.attrs)
+        size0, step = grid_geometry(attrs, coords)
+        stem = Path(args.attention).stem
+        amap = AttentionMap(coords, values, size0, step, name=args.name or stem)
+        maps = {amap.name: amap}
+        written = []
+        if "geojson" in formats:
+            written.append(export_geojson(out / f"{stem}.geojson", maps))
+        if "csv" in formats:
+            written.append(export_csv(out / f"{stem}.csv", maps))
+        slide = open_slide(args.slide) if args.slide else None
+        try:
+            dims = slide.dimensions if slide else tuple(int(v) for v in coords.max(0) + size0)
+            if "png" in formats:
+                written.append(export_overlay_png(out / f"{stem}.png", amap, dims, args.downsample, how=args.norm,
+                                                  colormap=args.colormap))
+            if "topk" in formats:
+                written += export_top_k(out / f"{stem}_top{args.k}", slide, amap, args.k)
+        finally:
+            if slide is not None:
+                slide.close()
+    except (OSError, KeyError) as exc:
+        print(f"error: {args.attention}: not an attention file ({exc})", file=sys.stderr)
+        return 1
+    except NapariMilError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        for path in written:
+            print(path)
+    return 0
 
 
 def _write_json(path: Path, data) -> None:
@@ -450,6 +506,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", "-o", required=True, help="folder for predictions.csv and attention/<slide>.h5")
     pr.add_argument("--quiet", "-q", action="store_true")
     pr.set_defaults(func=cmd_predict)
+
+    ex = sub.add_parser("export", help="export an attention file as QuPath GeoJSON, CSV, a PNG overlay or top-k patches")
+    ex.add_argument("attention", help="an attention/<slide>.h5 file written by predict")
+    ex.add_argument("--out", "-o", required=True)
+    ex.add_argument("--formats", default="geojson,csv,png", help="any of geojson,csv,png,topk (default geojson,csv,png)")
+    ex.add_argument("--slide", default=None, help="the slide file (needed for topk; sizes the PNG to the slide)")
+    ex.add_argument("--downsample", type=float, default=32.0, help="level-0 pixels per PNG pixel (default 32)")
+    ex.add_argument("--norm", default="minmax", choices=("raw", "minmax", "rank", "log"))
+    ex.add_argument("--colormap", default="inferno", help="a napari colormap name")
+    ex.add_argument("--k", type=int, default=8, help="how many top patches (default 8)")
+    ex.add_argument("--name", default=None, help="the map's name in the files (default: the file name)")
+    ex.add_argument("--quiet", "-q", action="store_true")
+    ex.set_defaults(func=cmd_export)
 
     enc = sub.add_parser("encoders", help="list the available encoders")
     enc.set_defaults(func=cmd_encoders)

@@ -172,3 +172,20 @@ def teacher_student_maps(teacher, student, features: np.ndarray, coords: np.ndar
     teacher_map = AttentionMap(coords, t_out.attention[0].float().cpu().numpy(), patch_size_level0, step_level0, "teacher")
     student_map = AttentionMap(coords, student_values, patch_size_level0, step_level0, "student", flags)
     return teacher_map, student_map
+
+
+def grid_geometry(attrs: dict, coords: np.ndarray) -> tuple[int, int]:
+    """(patch size, grid step) in level-0 pixels from a feature or attention file's attrs
+    (TRIDENT's ``patch_size_level0``, ``patch_size`` and ``overlap``); files without them (CLAM's
+    feature files) fall back to the grid spacing of the coordinates, taken as the patch size."""
+    if "patch_size_level0" in attrs:
+        size0 = int(attrs["patch_size_level0"])
+        size, overlap = int(attrs.get("patch_size", 0) or 0), int(attrs.get("overlap", 0) or 0)
+        step = round((size - overlap) * size0 / size) if size > 0 else size0
+        return size0, max(1, step)
+    gaps = [np.diff(np.unique(np.asarray(coords)[:, axis])) for axis in (0, 1)]
+    gaps = np.concatenate([g[g > 0] for g in gaps])
+    if not len(gaps):
+        raise NapariMilError("cannot tell the patch size: the file has no patch_size_level0 and a single patch")
+    step = int(gaps.min())
+    return step, step

@@ -179,3 +179,34 @@ def test_teacher_student_maps_follow_the_teacher_masks():
     assert np.all(s.values[masked] == 0) and np.all(s.values[~masked] > 0)
     kept_out = student(torch.from_numpy(features[~masked])[None]).attention[0].detach().numpy()
     assert np.allclose(s.values[~masked], kept_out, atol=1e-6)
+
+
+def test_cli_export(cmu1_path, tmp_path, capsys):
+    import h5py
+
+    from napari_mil.cli import main
+
+    coords = np.array([(x, y) for y in range(0, 1792, 256) for x in range(0, 1792, 256)])
+    values = np.random.default_rng(2).random(len(coords))
+    path = tmp_path / "attention" / "CMU-1-Small-Region.h5"
+    path.parent.mkdir()
+    with h5py.File(path, "w") as fh:
+        fh["coords"], fh["attention"] = coords, values / values.sum()
+        fh.attrs.update({"patch_size_level0": 512, "patch_size": 256, "overlap": 128})  # 50% overlap: step 256
+    assert main(["export", str(path), "--out", str(tmp_path / "out"), "--formats", "geojson,csv,png,topk",
+                 "--slide", str(cmu1_path), "--k", "2", "--downsample", "16"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert len(printed) == 5 and all(tmp_path.joinpath(p).exists() for p in printed)
+    feature = json.loads((tmp_path / "out" / "CMU-1-Small-Region.geojson").read_text())["features"][0]
+    assert feature["geometry"]["coordinates"][0][2] == [512, 512]  # the patch extent, not the step
+
+    plain = tmp_path / "plain.h5"  # a file without geometry: the grid spacing is the patch size
+    with h5py.File(plain, "w") as fh:
+        fh["coords"], fh["attention"] = coords, values / values.sum()
+    assert main(["export", str(plain), "--out", str(tmp_path / "o2"), "--formats", "csv", "-q"]) == 0
+    with open(tmp_path / "o2" / "plain.csv") as fh:
+        assert next(csv.DictReader(fh))["width"] == "256"
+
+    assert main(["export", str(plain), "--out", str(tmp_path / "o3"), "--formats", "topk"]) == 2
+    assert "give --slide" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "nothing.h5"), "--out", str(tmp_path / "o4")]) == 1
