@@ -46,7 +46,7 @@ def cohort(n_slides: int) -> list[dict]:
     return rows
 
 
-def bags_for(rows, encoder_name: str):
+def bags_for(rows, encoder_name: str, features_root: Path = CACHE / "features"):
     """Features, coords and per-patch tumour fractions for every slide (extracted once)."""
     from napari_mil.encoders import create_encoder
     from napari_mil.features.extract import extract_features
@@ -60,11 +60,11 @@ def bags_for(rows, encoder_name: str):
     for r in rows:
         with open_slide(r["path"]) as slide:
             grid = make_patch_grid(slide, detect_tissue(slide), patch_size=256, magnification=20, min_tissue=0.5)
-        bag = extract_features(r["path"], grid, encoder, CACHE / "features", num_workers=2).bag
+        bag = extract_features(r["path"], grid, encoder, features_root, num_workers=2).bag
         info = SyntheticSlide.load(r["path"])
         tumour = tissue_fractions(TissueMask(info.tumour_mask(), (info.mask_downsample,) * 2), bag.coords, grid.patch_size_level0)
-        out.append({"features": bag.features.astype(np.float32), "tumour": tumour, "label": int(r["label"]),
-                    "patient": r["patient_id"]})
+        out.append({"features": bag.features.astype(np.float32), "coords": bag.coords, "tumour": tumour,
+                    "label": int(r["label"]), "patient": r["patient_id"]})
     return out, time.perf_counter() - t
 
 

@@ -268,11 +268,10 @@ def cmd_predict(args) -> int:
     """Slide predictions and per-patch attention from a checkpoint."""
     import h5py
     import numpy as np
+    import torch
 
     from napari_mil.features.store import FeatureBag, feature_path
     from napari_mil.training.trainer import load_checkpoint
-
-    import torch
 
     out = Path(args.out)
     rows, failures = [], 0
