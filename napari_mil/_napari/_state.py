@@ -16,6 +16,12 @@ class ViewerState:
     slide_layer: str = ""
     tissue_mask: Any = None  # napari_mil.tissue.TissueMask
     grid: Any = None  # napari_mil.tiling.PatchGrid
+    features: Any = None  # napari_mil.features.store.FeatureBag of the open slide
+    encoder: str = ""  # the encoder those features come from
+    model: Any = None  # a MIL model (torch.nn.Module), from a checkpoint or the Retrain dock
+    model_meta: Any = None  # its checkpoint metadata (model, model_cfg, in_dim, threshold, ...)
+    teacher: Any = None  # MHIM-MIL's teacher for the Compare dock, when there is one
+    mhim: Any = None  # the MHIMConfig the teacher masks with
 
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -43,14 +43,50 @@ def _user_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-class SlideTissueWidget(Container):
-    """Open a slide, set its mpp, detect tissue, edit the mask, tile, and save the grid."""
+class DockBase(Container):
+    """What every dock shares: the viewer's state, a status line, and thread workers whose
+    results come back on the GUI thread and whose errors become notifications."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
         self.viewer = napari_viewer
         self.state = state_for(napari_viewer)
         self._workers: set = set()
+        self.status = Label(value="")
+        self.status.native.setWordWrap(True)
+
+    def _say(self, message: str, error: bool = False) -> None:
+        self.status.value = message
+        (notify_error if error else notify_info)(message)
+
+    def _start(self, worker, on_done):
+        """Run a thread worker, routing its result to ``on_done`` and errors to a notification.
+
+        Workers are created with ``_ignore_errors=True``: the errored handler here replaces
+        napari's default re-raise in the main thread, which would bypass the notification.
+        """
+        self._workers.add(worker)
+        worker.returned.connect(on_done)
+        worker.errored.connect(lambda exc: self._say(_user_message(exc), error=True))
+        worker.finished.connect(lambda: self._workers.discard(worker))
+        worker.start()
+        return worker
+
+    def is_running(self, worker) -> bool:
+        """Whether a worker started by this dock has yet to deliver its result."""
+        return worker in self._workers
+
+    def stop_workers(self) -> None:
+        """Ask running workers to stop."""
+        for worker in list(self._workers):
+            worker.quit()
+
+
+class SlideTissueWidget(DockBase):
+    """Open a slide, set its mpp, detect tissue, edit the mask, tile, and save the grid."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__(napari_viewer)
 
         self.path = FileEdit(label="Slide", mode="r", filter="*.svs *.tif *.tiff *.ndpi *.mrxs *.scn *.bif *.vms *.svslide *.dcm")
         self.open_button = PushButton(text="Open slide")
@@ -70,7 +106,7 @@ class SlideTissueWidget(Container):
         self.tile_button = PushButton(text="Tile")
         self.save_path = FileEdit(label="Save grid", mode="w", filter="*.h5")
         self.save_button = PushButton(text="Save grid (.h5)")
-        self.status = Label(value="Open a slide, or load a sample from File > Open Sample > napari-mil")
+        self.status.value = "Open a slide, or load a sample from File > Open Sample > napari-mil"
 
         self.extend([
             self.path, self.open_button, self.mpp, self.preset, self.saturation, self.min_area,
@@ -85,16 +121,11 @@ class SlideTissueWidget(Container):
         self.save_button.clicked.connect(self.save_grid)
         self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
         self.native.setMaximumWidth(460)  # leave the canvas most of the window
-        self.status.native.setWordWrap(True)
         self._apply_preset(self.preset.value)
         for layer in self.viewer.layers:  # a slide opened before the dock
             self._adopt(layer)
 
     # ---- helpers --------------------------------------------------------------------
-    def _say(self, message: str, error: bool = False) -> None:
-        self.status.value = message
-        (notify_error if error else notify_info)(message)
-
     def _apply_preset(self, name: str) -> None:
         from napari_mil.tissue import PRESETS
 
@@ -117,19 +148,6 @@ class SlideTissueWidget(Container):
         if self.state.slide is None:
             raise NapariMilError("no slide yet: open one first (Slide field, or File > Open)")
         return self.state.slide
-
-    def _start(self, worker, on_done):
-        """Run a thread worker, routing its result to ``on_done`` and errors to a notification.
-
-        Workers are created with ``_ignore_errors=True``: the errored handler here replaces
-        napari's default re-raise in the main thread, which would bypass the notification.
-        """
-        self._workers.add(worker)
-        worker.returned.connect(on_done)
-        worker.errored.connect(lambda exc: self._say(_user_message(exc), error=True))
-        worker.finished.connect(lambda: self._workers.discard(worker))
-        worker.start()
-        return worker
 
     # ---- actions --------------------------------------------------------------------
     def open_slide(self, path: str | Path | None = None):
@@ -303,13 +321,3 @@ class SlideTissueWidget(Container):
             return None
         self._say(f"saved {len(grid)} patch coordinates to {written}")
         return written
-
-    def is_running(self, worker) -> bool:
-        """Whether a worker started by this dock has yet to deliver its result."""
-        return worker in self._workers
-
-    # ---- lifetime -------------------------------------------------------------------
-    def stop_workers(self) -> None:
-        """Ask running workers to stop (detection and tiling finish within a second anyway)."""
-        for worker in list(self._workers):
-            worker.quit()
