@@ -17,6 +17,7 @@ from napari_mil.training.trainer import (
     TrainConfig,
     TrainingCancelled,
     load_checkpoint,
+    load_teacher,
     predict_probs,
     train,
 )
@@ -203,9 +204,14 @@ def test_cli_train_refuses_labels_without_features(cohort, tmp_path, capsys):
 def test_mhim_teacher_starts_from_a_baseline_checkpoint(bags, tmp_path):
     base = train(bags[:10], bags[10:13], TrainConfig(epochs=2, seed=1), checkpoint=tmp_path / "baseline")
     cfg = TrainConfig(epochs=1, seed=2, mhim=preset("camelyon16_abmil", mm=1.0), teacher_init=str(tmp_path / "baseline"))
-    result = train(bags[:10], bags[10:13], cfg)
+    result = train(bags[:10], bags[10:13], cfg, checkpoint=tmp_path / "mhim")
     for name, value in result.mhim.teacher.state_dict().items():  # mm = 1: the teacher stays the baseline
         assert torch.equal(value, base.model.state_dict()[name]), name
+    # the run's checkpoint keeps its teacher beside the student
+    student, meta = load_checkpoint(tmp_path / "mhim")
+    teacher = load_teacher(tmp_path / "mhim", meta)
+    assert meta["teacher"] == "mhim_teacher" and torch.equal(teacher.embed[0].weight, base.model.embed[0].weight)
+    assert load_teacher(tmp_path / "baseline", load_checkpoint(tmp_path / "baseline")[1]) is None
     plain = train(bags[:10], bags[10:13], TrainConfig(epochs=1, seed=2, mhim=preset("camelyon16_abmil", mm=1.0)))
     assert not torch.equal(plain.mhim.teacher.embed[0].weight, base.model.embed[0].weight)
 

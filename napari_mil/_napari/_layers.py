@@ -91,3 +91,31 @@ def grid_layer_data(slide: Slide, grid: PatchGrid) -> tuple[np.ndarray, dict]:
         "opacity": 0.9,
     }
     return centres, kwargs
+
+
+def map_placement(slide: Slide, amap) -> dict:
+    """scale/translate (world units) putting one map pixel over each patch's grid cell."""
+    s = world_per_pixel(slide)
+    (sy, sx), (ty, tx) = amap.placement()
+    return {"scale": (sy * s, sx * s), "translate": (ty * s, tx * s)}
+
+
+def show_map(viewer, name: str, slide: Slide, amap, how: str = "minmax", limits: tuple[float, float] | None = None,
+             colormap: str = "inferno", opacity: float = 0.6):
+    """Add or update an attention map layer (NaN where there is no patch: transparent)."""
+    from napari_mil.heatmaps import shared_limits
+
+    data = amap.image(how)
+    limits = limits or shared_limits([amap], how)
+    kwargs = {**map_placement(slide, amap), "colormap": colormap, "contrast_limits": limits, "opacity": opacity,
+              "blending": "translucent"}
+    if name in viewer.layers:
+        layer = viewer.layers[name]
+        layer.data = data
+        for key, value in kwargs.items():
+            setattr(layer, key, value)
+    else:
+        layer = viewer.add_image(data, name=name, **kwargs)
+    layer.metadata["napari_mil_map"] = amap
+    layer.metadata["napari_mil_norm"] = how
+    return layer

@@ -121,6 +121,8 @@ def train(train_bags, val_bags, cfg: TrainConfig, checkpoint: str | Path | None 
     history, best_loss, best_epoch, best_state, stale = [], float("inf"), -1, None, 0
     meta = {"train_config": _jsonable(asdict(cfg)), "model": cfg.model, "model_cfg": model_cfg,
             "in_dim": in_dim, "n_classes": n_classes, **(extra_meta or {})}
+    if mhim is not None and checkpoint is not None:
+        meta["teacher"] = teacher_path(checkpoint).name
     for epoch in range(cfg.epochs):
         t0 = time.perf_counter()
         model.train()
@@ -155,6 +157,9 @@ def train(train_bags, val_bags, cfg: TrainConfig, checkpoint: str | Path | None 
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if checkpoint is not None:
                 save_checkpoint(checkpoint, model, {**meta, "epoch": epoch + 1, "val_loss": val_loss})
+                if mhim is not None:  # the teacher of the same epoch, for the Compare view
+                    save_checkpoint(teacher_path(checkpoint), mhim.teacher,
+                                    {**meta, "role": "teacher", "epoch": epoch + 1, "val_loss": val_loss})
         else:
             stale += 1
         if on_epoch is not None:
@@ -179,6 +184,22 @@ def _jsonable(value):
 
 
 # ---- checkpoints --------------------------------------------------------------------------
+def teacher_path(checkpoint: str | Path) -> Path:
+    """Where an MHIM-MIL run keeps its teacher: beside the student, with ``_teacher`` appended."""
+    base = Path(checkpoint)
+    if base.suffix in (".json", ".safetensors"):
+        base = base.with_suffix("")
+    return base.with_name(base.name + "_teacher")
+
+
+def load_teacher(checkpoint: str | Path, meta: dict, device: str = "cpu") -> torch.nn.Module | None:
+    """The teacher saved with an MHIM-MIL student (None for plain training)."""
+    if not meta.get("teacher"):
+        return None
+    teacher, _ = load_checkpoint(teacher_path(checkpoint), feature_dim=meta["in_dim"], device=device)
+    return teacher
+
+
 def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict) -> Path:
     """``path.safetensors`` (weights) and ``path.json`` (what to rebuild it with), both atomic."""
     from safetensors.torch import save_file
