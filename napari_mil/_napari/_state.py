@@ -22,6 +22,7 @@ class ViewerState:
     model_meta: Any = None  # its checkpoint metadata (model, model_cfg, in_dim, threshold, ...)
     teacher: Any = None  # MHIM-MIL's teacher for the Compare dock, when there is one
     mhim: Any = None  # the MHIMConfig the teacher masks with
+    attention: Any = None  # napari_mil.heatmaps.AttentionMap of the last inference
 
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

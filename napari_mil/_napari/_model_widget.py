@@ -1,0 +1,118 @@
+"""The Model dock: load a checkpoint (napari-mil's, or the official TransMIL, MHIM-MIL or CLAM
+code's), run it on the open slide's features, and show the prediction and the attention map."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from magicgui.widgets import ComboBox, FileEdit, Label, PushButton
+
+from napari_mil._napari._widgets import DockBase
+from napari_mil.errors import NapariMilError
+
+if TYPE_CHECKING:
+    import napari
+
+MODEL_CHOICES = [("ABMIL", "abmil"), ("gated ABMIL", "abmil_gated"), ("Extreme ABMIL", "extreme_abmil"),
+                 ("TransMIL", "transmil"), ("mean pooling", "mean_pool"), ("max pooling", "max_pool")]
+CHECKPOINT_FILTER = "*.json *.safetensors *.pt *.pth *.ckpt *.bin"
+
+
+def load_model_and_teacher(path: Path, part: str, feature_dim: int | None):
+    """(model, meta, teacher or None): an MHIM-MIL run's teacher comes along when the file has one."""
+    from napari_mil.training.trainer import FOREIGN_SUFFIXES, load_checkpoint, load_teacher
+
+    model, meta = load_checkpoint(path, feature_dim=feature_dim, part=part)
+    if path.suffix in FOREIGN_SUFFIXES:
+        teacher = None
+        if part == "student":
+            try:
+                teacher, _ = load_checkpoint(path, feature_dim=feature_dim, part="teacher")
+            except NapariMilError:  # plain training: no teacher in the file
+                teacher = None
+        return model, meta, teacher
+    return model, meta, load_teacher(path, meta)
+
+
+class ModelWidget(DockBase):
+    """Choose the model, load a checkpoint, run inference on the slide."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__(napari_viewer)
+        self.model_name = ComboBox(label="Model", choices=MODEL_CHOICES, value="abmil",
+                                   tooltip="the architecture; a checkpoint sets it to its own")
+        self.checkpoint = FileEdit(label="Checkpoint", mode="r", filter=CHECKPOINT_FILTER)
+        self.part = ComboBox(label="MHIM-MIL part", choices=["student", "teacher"], value="student",
+                             tooltip="for MHIM-MIL files: which network predicts (the other is kept to compare)")
+        self.load_button = PushButton(text="Load checkpoint")
+        self.infer_button = PushButton(text="Run inference")
+        self.prediction = Label(value="")
+        self.status.value = "Load a checkpoint, or train one in the Retrain dock."
+        self.extend([self.model_name, self.checkpoint, self.part, self.load_button, self.infer_button,
+                     self.prediction, self.status])
+        self.load_button.clicked.connect(self.load)
+        self.infer_button.clicked.connect(self.infer)
+        self.native.setMaximumWidth(460)
+
+    def load(self, path: str | Path | None = None):
+        from napari.qt.threading import create_worker
+
+        path = Path(path) if path else Path(self.checkpoint.value)
+        if not str(path) or path == Path(".") or path.is_dir():
+            self._say("choose a checkpoint file first", error=True)
+            return None
+        features = self.state.features
+        self.status.value = f"loading {path.name}..."
+        worker = create_worker(load_model_and_teacher, path, self.part.value,
+                               features.dim if features is not None else None, _ignore_errors=True)
+        return self._start(worker, lambda result: self._loaded(path, *result))
+
+    def _loaded(self, path: Path, model, meta, teacher) -> None:
+        self.state.model, self.state.model_meta, self.state.teacher = model, meta, teacher
+        if "mhim" in (meta.get("train_config") or {}) and meta["train_config"]["mhim"]:
+            from napari_mil.training.mhim import MHIMConfig
+
+            self.state.mhim = MHIMConfig(**meta["train_config"]["mhim"])
+        self.model_name.value = meta["model"]
+        source = meta.get("layout", "napari-mil")
+        extra = " and its MHIM-MIL teacher" if teacher is not None else ""
+        self._say(f"loaded a {dict((v, k) for k, v in MODEL_CHOICES).get(meta['model'], meta['model'])} ({source}, "
+                  f"{meta['in_dim']}-d features, {meta['n_classes']} classes){extra} from {path.name}")
+
+    def infer(self):
+        """Run the model on the slide's features in a worker; show the prediction and the map."""
+        from napari.qt.threading import create_worker
+
+        from napari_mil.heatmaps import grid_geometry, model_map
+
+        state = self.state
+        try:
+            if state.features is None:
+                raise NapariMilError("no features yet: extract them in the Features dock")
+            if state.model is None:
+                raise NapariMilError("no model yet: load a checkpoint, or train one in the Retrain dock")
+            state.features.require_dim(state.model_meta["in_dim"], "the model")
+        except NapariMilError as exc:
+            self._say(str(exc), error=True)
+            return None
+        bag = state.features
+        size0, step = grid_geometry(bag.attrs, bag.coords)
+        self.status.value = f"running the model on {len(bag)} patches..."
+        worker = create_worker(model_map, state.model, bag.features, bag.coords, size0, "attention", step,
+                               _ignore_errors=True)
+        return self._start(worker, lambda result: self._show(*result))
+
+    def _show(self, amap, probs) -> None:
+        from napari_mil._napari._layers import show_map
+
+        meta, slide = self.state.model_meta, self.state.slide
+        threshold = float(meta.get("threshold", 0.5))
+        p = float(probs[-1])
+        verdict = "positive" if p >= threshold else "negative"
+        self.prediction.value = f"p(class {len(probs) - 1}) = {p:.3f} → {verdict} (threshold {threshold:.2f})"
+        name = f"{slide.name} attention" if slide is not None else "attention"
+        if slide is not None:
+            show_map(self.viewer, name, slide, amap)
+        self.state.attention = amap
+        self._say(f"{slide.name if slide else 'slide'}: {self.prediction.value}")
