@@ -149,8 +149,8 @@ def teacher_student_maps(teacher, student, features: np.ndarray, coords: np.ndar
                          cfg, mask_ratio_h: float | None = None, seed: int = 0,
                          step_level0: int | None = None) -> tuple[AttentionMap, AttentionMap]:
     """MHIM-MIL's view of one slide: the teacher's attention over every patch, and the student's
-    attention over the patches the teacher leaves it (the hard instances), with the masks the
-    teacher's scores select under ``cfg`` (random-high, low, random). Masked patches get zero
+    attention over the patches the teacher leaves it (the hard instances); both carry the masks
+    the teacher's scores select under ``cfg`` (random-high, low, random). Masked patches get zero
     student attention; ``mask_ratio_h`` is the scheduled value of the step shown."""
     import torch
 
@@ -169,7 +169,8 @@ def teacher_student_maps(teacher, student, features: np.ndarray, coords: np.ndar
     student_values = np.zeros(len(coords))
     student_values[kept.cpu().numpy()] = s_out.attention[0].float().cpu().numpy()
     flags = {kind: getattr(masks, kind).cpu().numpy() for kind in MASK_KINDS}
-    teacher_map = AttentionMap(coords, t_out.attention[0].float().cpu().numpy(), patch_size_level0, step_level0, "teacher")
+    teacher_map = AttentionMap(coords, t_out.attention[0].float().cpu().numpy(), patch_size_level0, step_level0, "teacher",
+                               dict(flags))
     student_map = AttentionMap(coords, student_values, patch_size_level0, step_level0, "student", flags)
     return teacher_map, student_map
 

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.gui
 @pytest.fixture
 def viewer(make_napari_viewer, tmp_path, monkeypatch):
     monkeypatch.setenv("NAPARI_MIL_CACHE", str(tmp_path / "cache"))
-    v = make_napari_viewer()
+    v = make_napari_viewer(show=True)  # shown: the comparison's screenshot needs a real canvas size
     v.window.resize(1400, 900)
     return v
 
@@ -125,3 +125,90 @@ def test_model_refuses_what_does_not_fit(viewer, qtbot, with_features, tmp_path)
     assert "not a readable PyTorch checkpoint" in model_dock.status.value
     assert any("expects 1024-d" in m for m in notifications())
     assert viewer.layers  # the viewer goes on
+
+
+@pytest.fixture
+def mhim_pair(viewer, qtbot, with_features, tmp_path):
+    """An MHIM-MIL checkpoint of the official layout (38-d) loaded in the Model dock."""
+    import torch
+    from test_interop import OfficialMHIM, _randomise
+
+    student, teacher = _randomise(OfficialMHIM("v1", "attn", in_dim=38), 1), _randomise(OfficialMHIM("v1", "attn", in_dim=38), 2)
+    torch.save({"model": student.state_dict(), "teacher": teacher.state_dict()}, tmp_path / "fold_0_model_best.pt")
+    model_dock = dock(viewer, "Model")
+    wait_for(qtbot, model_dock, model_dock.load(tmp_path / "fold_0_model_best.pt"))
+    return with_features
+
+
+def test_compare_side_by_side(viewer, qtbot, mhim_pair, tmp_path):
+    import numpy as np
+
+    state = mhim_pair
+    compare = dock(viewer, "Compare teacher | student")
+    compare.preset.value = "tcga_abmil"  # random-high, low and random masks all in play
+    compare.ratio_h.value = 0.1
+    wait_for(qtbot, compare, compare.compare())
+    teacher, student = compare.maps["teacher"], compare.maps["student"]
+    grid = viewer.canvas.grid
+    assert grid.enabled and grid.stride == 6 and tuple(grid.shape) == (1, 2)
+    assert [layer.name for layer in viewer.layers][:12] == compare.layer_names("teacher") + compare.layer_names("student")
+    assert all(not layer.visible for layer in list(viewer.layers)[12:])  # the rest is hidden meanwhile
+    n = len(state.features)
+    for kind, expected in (("high", int(0.1 * n)), ("low", int(0.2 * n))):
+        assert len(viewer.layers[f"student | {compare.layer_names('student')[3 + ['high', 'low', 'random'].index(kind)].split(' | ')[1]}"].data) == expected
+    masked = student.masked["high"] | student.masked["low"] | student.masked["random"]
+    assert masked.any() and np.all(student.values[masked] == 0) and student.values.sum() > 0.999
+    assert viewer.layers["teacher | ground truth"].visible and viewer.layers["teacher | ground truth"].data.any()
+
+    # normalisations share one colour range
+    for how in ("raw", "rank", "log", "minmax"):
+        compare.norm.value = how
+        limits = [tuple(viewer.layers[f"{p} | attention"].contrast_limits) for p in ("teacher", "student")]
+        assert limits[0] == limits[1]
+    assert "…" in compare.colour_bar.label
+
+    # hover: the patch under the cursor, its attention, rank and masked status
+    i = int(np.flatnonzero(student.masked["high"])[0])
+    x, y = teacher.coords[i]
+    text = compare.describe(y + 10, x + 10)
+    assert f"rank {int(round(teacher.ranks()[i]))}/{n}" in text and "masked random-high" in text
+
+    # the gallery: k patches per map; a click centres the linked views on the patch
+    assert len(compare.gallery) == 2 and len(compare.gallery[0]) == 1 + compare.k.value
+    compare.gallery[1][1].clicked.emit()
+    best = student.top_k(1)[0]
+    s = state.slide.mpp
+    centre = (student.coords[best][::-1] + student.patch_size_level0 / 2) * s
+    assert np.allclose(viewer.scene.camera.center[-2:], centre)
+
+    # the screenshot has two panels, each with heatmap colours and magenta mask outlines
+    compare.opacity.value = 1.0  # pure colour-map colours
+    viewer.reset_view()
+    qtbot.wait(200)
+    shot = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    half = shot.shape[1] // 2
+    from napari_mil.exports import colormap_lut
+
+    lut = colormap_lut("inferno")[:, :3].astype(int)
+    for panel in (shot[:, :half], shot[:, half:]):
+        pixels = panel.reshape(-1, 3)
+        near = np.abs(pixels[::7, None, :] - lut[None, 30:256:9, :]).sum(-1).min(1) < 12
+        assert near.sum() > 50  # heatmap colours present in both panels
+        magenta = (pixels[:, 0] > 200) & (pixels[:, 1] < 110) & (pixels[:, 2] > 100)
+        assert magenta.sum() > 20  # the random-high outlines
+
+    # exports of the pair
+    compare.export_folder.value = str(tmp_path / "exports")
+    for fmt in ("GeoJSON", "CSV", "PNG", "top-k"):
+        assert compare.export(fmt)
+    assert len(list((tmp_path / "exports").rglob("*.png"))) == 2 + 2 * compare.k.value
+
+    compare.single_view()
+    assert not grid.enabled and "teacher | attention" not in viewer.layers
+    assert viewer.layers[state.slide.name].visible
+
+
+def test_compare_says_what_is_missing(viewer, qtbot, with_features):
+    compare = dock(viewer, "Compare teacher | student")
+    assert compare.compare() is None and "no teacher and student yet" in compare.status.value
+    assert compare.export("CSV") == [] and "show teacher | student first" in compare.status.value

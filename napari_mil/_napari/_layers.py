@@ -119,3 +119,4 @@ def show_map(viewer, name: str, slide: Slide, amap, how: str = "minmax", limits:
     layer.metadata["napari_mil_map"] = amap
     layer.metadata["napari_mil_norm"] = how
     return layer
+

@@ -1,0 +1,375 @@
+"""The Compare dock: an MHIM-MIL teacher beside its hard-instance-masked student.
+
+The two maps sit in napari's grid mode, one viewbox each with one shared camera, so they pan
+and zoom together. Each panel holds the same six layers, bottom to top: the slide, the map,
+the ground truth outline (when the slide has one), and the random-high, low and random masks
+as patch outlines. Other layers are hidden while the comparison is shown and come back after.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSlider,
+    FloatSpinBox,
+    Label,
+    PushButton,
+    SpinBox,
+)
+
+from napari_mil._napari._widgets import DockBase
+from napari_mil.errors import NapariMilError
+from napari_mil.heatmaps import MASK_KINDS, NORMALISATIONS
+
+if TYPE_CHECKING:
+    import napari
+
+PANELS = ("teacher", "student")
+MASK_COLOURS = {"high": "#ff2d95", "low": "#2f9bff", "random": "#c8c8c8"}
+MASK_NAMES = {"high": "masked random-high", "low": "masked low", "random": "masked random"}
+NORM_LABELS = [("raw softmax", "raw"), ("min-max", "minmax"), ("percentile rank", "rank"), ("log (× uniform)", "log")]
+
+
+def ground_truth(slide):
+    """(tumour mask, downsample) of a synthetic slide, or None for slides without ground truth."""
+    from napari_mil.synthetic import SyntheticSlide
+
+    try:
+        info = SyntheticSlide.load(slide.path)
+        return info.tumour_mask(), info.mask_downsample
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+class CompareWidget(DockBase):
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__(napari_viewer)
+        from napari_mil.training.mhim import PRESETS
+
+        self.preset = ComboBox(label="Masks from", choices=["the model's training", *PRESETS], value="the model's training",
+                               tooltip="the MHIM-MIL masking rules applied to the teacher's scores")
+        self.ratio_h = FloatSpinBox(label="High-attention share", value=0.0, min=0.0, max=1.0, step=0.01,
+                                    tooltip="mask_ratio_h at the step shown (it decays over training); 0 = the recipe's")
+        self.show_button = PushButton(text="Show teacher | student")
+        self.single_button = PushButton(text="Back to one view", enabled=False)
+        self.norm = ComboBox(label="Normalisation", choices=NORM_LABELS, value="minmax")
+        self.colormap = ComboBox(label="Colour map", choices=["inferno", "turbo", "viridis", "magma", "plasma"],
+                                 value="inferno")
+        self.opacity = FloatSlider(label="Opacity", value=0.6, min=0.0, max=1.0, step=0.05)
+        self.transmil_layer = ComboBox(label="TransMIL layer", choices=[("1", 0), ("2", 1), ("mean", -1)], value=1)
+        self.transmil_head = SpinBox(label="TransMIL head", value=-1, min=-1, max=63, tooltip="-1 = mean over heads")
+        self.mask_toggles = {kind: CheckBox(text=MASK_NAMES[kind], value=True) for kind in MASK_KINDS}
+        self.colour_bar = Label(value="")
+        self.hover = Label(value="")
+        self.k = SpinBox(label="Top k", value=6, min=1, max=32)
+        self.gallery = Container(layout="vertical", labels=False)
+        self.export_folder = FileEdit(label="Export to", mode="d")
+        export_row = Container(layout="horizontal", labels=False)
+        self.export_buttons = {fmt: PushButton(text=fmt) for fmt in ("GeoJSON", "CSV", "PNG", "top-k")}
+        export_row.extend(list(self.export_buttons.values()))
+        self.status.value = "Needs a teacher and a student: train with MHIM-MIL (Retrain dock) or load an MHIM-MIL checkpoint."
+        self.extend([self.preset, self.ratio_h, self.show_button, self.single_button, self.norm, self.colormap,
+                     self.opacity, self.transmil_layer, self.transmil_head, *self.mask_toggles.values(),
+                     self.colour_bar, self.hover, self.k, self.gallery, self.export_folder, export_row, self.status])
+        self.hover.native.setWordWrap(True)
+        self.maps: dict = {}  # panel -> AttentionMap
+        self._hidden: list = []  # layers hidden while comparing
+        self.show_button.clicked.connect(self.compare)
+        self.single_button.clicked.connect(self.single_view)
+        self.norm.changed.connect(lambda _: self.restyle())
+        self.colormap.changed.connect(lambda _: self.restyle())
+        self.opacity.changed.connect(self._set_opacity)
+        self.transmil_layer.changed.connect(lambda _: self.maps and self.compare())
+        self.transmil_head.changed.connect(lambda _: self.maps and self.compare())
+        for kind, box in self.mask_toggles.items():
+            box.changed.connect(lambda on, kind=kind: self._toggle_mask(kind, on))
+        self.k.changed.connect(lambda _: self.build_gallery())
+        for fmt, button in self.export_buttons.items():
+            button.clicked.connect(lambda *_, fmt=fmt: self.export(fmt))
+        self.viewer.mouse_move_callbacks.append(self._on_mouse_move)
+        self.native.setMaximumWidth(460)
+
+    # ---- computing the pair ----------------------------------------------------------------
+    def mhim_config(self):
+        from dataclasses import replace
+
+        from napari_mil.training.mhim import MHIMConfig, preset
+
+        if self.preset.value == "the model's training":
+            cfg = self.state.mhim or preset("camelyon16_transmil" if self._is_transmil() else "camelyon16_abmil")
+        else:
+            cfg = preset(self.preset.value)
+        if not isinstance(cfg, MHIMConfig):
+            cfg = MHIMConfig(**cfg)
+        return replace(cfg, mask_ratio_h=self.ratio_h.value) if self.ratio_h.value else cfg
+
+    def _is_transmil(self) -> bool:
+        return hasattr(self.state.model, "attention_layer")
+
+    def compare(self):
+        """Compute the teacher's and the student's maps in a worker, then show them side by side."""
+        from napari.qt.threading import create_worker
+
+        from napari_mil.heatmaps import grid_geometry, teacher_student_maps
+
+        state = self.state
+        try:
+            if state.slide is None or state.features is None:
+                raise NapariMilError("no features yet: open a slide, tile it and extract its features first")
+            if state.model is None or state.teacher is None:
+                raise NapariMilError("no teacher and student yet: train with MHIM-MIL in the Retrain dock, "
+                                     "or load an MHIM-MIL checkpoint in the Model dock")
+            state.features.require_dim(state.model_meta["in_dim"], "the model")
+            cfg = self.mhim_config()
+        except NapariMilError as exc:
+            self._say(str(exc), error=True)
+            return None
+        head = None if self.transmil_head.value < 0 else int(self.transmil_head.value)
+        for net in (state.teacher, state.model):
+            if hasattr(net, "attention_layer"):
+                net.attention_layer, net.attention_head = self.transmil_layer.value, head
+        bag = state.features
+        size0, step = grid_geometry(bag.attrs, bag.coords)
+        self.status.value = f"scoring {len(bag)} patches with the teacher and the student..."
+        worker = create_worker(teacher_student_maps, state.teacher, state.model, bag.features, bag.coords, size0, cfg,
+                               None, 0, step, _ignore_errors=True)
+        return self._start(worker, self.show_pair)
+
+    # ---- layers ------------------------------------------------------------------------------
+    def layer_names(self, panel: str) -> list[str]:
+        return [f"{panel} | {part}" for part in ("slide", "attention", "ground truth", *MASK_NAMES.values())]
+
+    def show_pair(self, maps) -> None:
+        """Put the two maps in two linked panels (napari's grid mode)."""
+        from napari_mil._napari._layers import slide_layer_data
+
+        teacher, student = maps
+        self.maps = {"teacher": teacher, "student": student}
+        viewer, slide = self.viewer, self.state.slide
+        truth = ground_truth(slide)
+        ours = {name for panel in PANELS for name in self.layer_names(panel)}
+        if not self._hidden:
+            self._hidden = [layer for layer in viewer.layers if layer.name not in ours and layer.visible]
+        for layer in self._hidden:
+            layer.visible = False
+        for panel, amap in self.maps.items():
+            names = self.layer_names(panel)
+            if names[0] not in viewer.layers:
+                data, kwargs, _ = slide_layer_data(slide)
+                kwargs.pop("name")
+                viewer.add_image(data, name=names[0], **kwargs)
+            self._show_map_layer(names[1], amap)
+            self._show_truth(names[2], truth)
+            for kind, name in zip(MASK_KINDS, names[3:]):
+                self._show_mask(name, amap, kind)
+        order = [viewer.layers.index(name) for panel in PANELS for name in self.layer_names(panel)]
+        viewer.layers.move_multiple(order, 0)
+        grid = viewer.canvas.grid
+        grid.stride = len(self.layer_names("teacher"))
+        grid.shape = (1, 2)
+        grid.enabled = True
+        self.restyle()
+        self.build_gallery()
+        self.single_button.enabled = True
+        kept = int((~(student.masked["high"] | student.masked["low"] | student.masked["random"])).sum())
+        counts = ", ".join(f"{int(student.masked[k].sum())} {MASK_NAMES[k]}" for k in MASK_KINDS)
+        self._say(f"teacher | student over {len(student)} patches; the student sees {kept} ({counts})")
+
+    def _show_map_layer(self, name, amap) -> None:
+        from napari_mil._napari._layers import show_map
+
+        show_map(self.viewer, name, self.state.slide, amap, self.norm.value, colormap=self.colormap.value,
+                 opacity=self.opacity.value)
+
+    def _show_truth(self, name, truth) -> None:
+        from napari_mil._napari._layers import world_per_pixel
+
+        s = world_per_pixel(self.state.slide)
+        mask, ds = truth if truth is not None else (np.zeros((1, 1), bool), 1)
+        kwargs = {"scale": (ds * s, ds * s), "translate": ((ds - 1) / 2 * s,) * 2, "opacity": 0.9}
+        if name in self.viewer.layers:
+            layer = self.viewer.layers[name]
+            layer.data = mask.astype(np.uint8)
+        else:
+            layer = self.viewer.add_labels(mask.astype(np.uint8), name=name, **kwargs)
+            layer.contour = 2
+        layer.visible = truth is not None
+
+    def _show_mask(self, name, amap, kind) -> None:
+        from napari_mil._napari._layers import world_per_pixel
+
+        s = world_per_pixel(self.state.slide)
+        flags = amap.masked.get(kind, np.zeros(len(amap), bool))
+        centres = (amap.coords[flags][:, ::-1] + amap.patch_size_level0 / 2 - 0.5) * s
+        if name in self.viewer.layers:
+            self.viewer.layers.remove(name)
+        layer = self.viewer.add_points(
+            centres.reshape(-1, 2), name=name, symbol="square", size=amap.patch_size_level0 * s * 0.9,
+            face_color="transparent", border_color=MASK_COLOURS[kind], border_width=0.12,
+            border_width_is_relative=True, visible=self.mask_toggles[kind].value)
+        layer.editable = False
+
+    def restyle(self) -> None:
+        """Apply the normalisation and colour map to both maps with one shared colour bar."""
+        from napari_mil.heatmaps import shared_limits
+
+        if not self.maps:
+            return
+        how = self.norm.value
+        limits = shared_limits(list(self.maps.values()), how)
+        for panel, amap in self.maps.items():
+            name = self.layer_names(panel)[1]
+            if name in self.viewer.layers:
+                layer = self.viewer.layers[name]
+                layer.data = amap.image(how)
+                layer.contrast_limits = limits
+                layer.colormap = self.colormap.value
+                layer.metadata["napari_mil_norm"] = how
+        self._draw_colour_bar(limits)
+
+    def _draw_colour_bar(self, limits) -> None:
+        from qtpy.QtGui import QImage, QPixmap
+
+        from napari_mil.exports import colormap_lut
+
+        lut = np.ascontiguousarray(np.repeat(colormap_lut(self.colormap.value)[None, :, :3], 14, axis=0))
+        image = QImage(lut.data, lut.shape[1], lut.shape[0], lut.strides[0], QImage.Format.Format_RGB888)
+        label = self.colour_bar.native
+        label.setPixmap(QPixmap.fromImage(image.copy()).scaled(256, 14))
+        label.setToolTip(f"{limits[0]:.3g} … {limits[1]:.3g}")
+        self.colour_bar.label = f"{limits[0]:.3g} … {limits[1]:.3g}"
+
+    def _set_opacity(self, value: float) -> None:
+        for panel in PANELS:
+            name = self.layer_names(panel)[1]
+            if name in self.viewer.layers:
+                self.viewer.layers[name].opacity = value
+
+    def _toggle_mask(self, kind: str, on: bool) -> None:
+        for panel in PANELS:
+            name = f"{panel} | {MASK_NAMES[kind]}"
+            if name in self.viewer.layers:
+                self.viewer.layers[name].visible = on
+
+    def single_view(self) -> None:
+        """Leave the comparison: its layers go, the hidden ones come back."""
+        self.viewer.canvas.grid.enabled = False
+        for panel in PANELS:
+            for name in self.layer_names(panel):
+                if name in self.viewer.layers:
+                    self.viewer.layers.remove(name)
+        for layer in self._hidden:
+            if layer in self.viewer.layers:
+                layer.visible = True
+        self._hidden, self.maps = [], {}
+        self.gallery.clear()
+        self.single_button.enabled = False
+
+    # ---- hover and gallery ---------------------------------------------------------------------
+    def describe(self, y_level0: float, x_level0: float) -> str:
+        """What the cursor is over: each map's attention, rank and the patch's masked status."""
+        if not self.maps:
+            return ""
+        teacher = self.maps["teacher"]
+        i = teacher.patch_at(y_level0, x_level0)
+        if i is None:
+            return ""
+        parts = [f"patch ({teacher.coords[i][0]}, {teacher.coords[i][1]})"]
+        for panel, amap in self.maps.items():
+            rank = int(round(amap.ranks()[i]))
+            parts.append(f"{panel}: {amap.values[i]:.2e}, rank {rank}/{len(amap)}")
+        student = self.maps["student"]
+        masked = [MASK_NAMES[k] for k in MASK_KINDS if student.masked.get(k) is not None and student.masked[k][i]]
+        parts.append(", ".join(masked) if masked else "seen by the student")
+        return " · ".join(parts)
+
+    def _on_mouse_move(self, viewer, event) -> None:
+        from napari_mil._napari._layers import world_per_pixel
+
+        if not self.maps or self.state.slide is None:
+            return
+        s = world_per_pixel(self.state.slide)
+        y, x = event.position[-2] / s, event.position[-1] / s
+        self.hover.value = self.describe(y, x)
+
+    def build_gallery(self) -> None:
+        """The top-k patches of each map as buttons; a click centres both views on the patch."""
+        from qtpy.QtCore import QSize
+        from qtpy.QtGui import QIcon, QImage, QPixmap
+
+        self.gallery.clear()
+        if not self.maps or self.state.slide is None:
+            return
+        slide = self.state.slide
+        for panel, amap in self.maps.items():
+            row = Container(layout="horizontal", labels=False, label=panel)
+            row.append(Label(value=f"{panel} top {self.k.value}"))
+            size0 = amap.patch_size_level0
+            level = slide.best_level_for_downsample(size0 / 64)
+            side = max(1, round(size0 / slide.level_downsamples[level]))
+            for i in amap.top_k(self.k.value):
+                x, y = (int(v) for v in amap.coords[i])
+                patch = np.ascontiguousarray(slide.read_region((x, y), level, (side, side))[..., :3])
+                image = QImage(patch.data, side, side, patch.strides[0], QImage.Format.Format_RGB888).copy()
+                button = PushButton(text="")
+                button.native.setIcon(QIcon(QPixmap.fromImage(image)))
+                button.native.setIconSize(QSize(48, 48))
+                button.native.setToolTip(f"{panel}: attention {amap.values[i]:.2e} at ({x}, {y})")
+                button.clicked.connect(lambda *_, i=i, amap=amap: self.go_to(amap, i))
+                row.append(button)
+            self.gallery.append(row)
+
+    def go_to(self, amap, index: int) -> None:
+        """Centre the (linked) views on a patch, zoomed so that it fills about a quarter of the view."""
+        from napari_mil._napari._layers import world_per_pixel
+
+        s = world_per_pixel(self.state.slide)
+        x, y = amap.coords[index]
+        half = amap.patch_size_level0 / 2
+        camera = self.viewer.scene.camera
+        camera.center = ((y + half) * s, (x + half) * s)
+        height, width = self.viewer.canvas.viewbox_size(self.viewer.layers)  # one panel, screen pixels
+        camera.zoom = min(width, height) / (4 * amap.patch_size_level0 * s)
+
+    # ---- exports ----------------------------------------------------------------------------------
+    def export(self, fmt: str):
+        """Write the pair as QuPath GeoJSON, CSV, PNG overlays or top-k patches to the export folder."""
+        from napari_mil import exports
+
+        folder = Path(self.export_folder.value)
+        if not self.maps:
+            self._say("nothing to export yet: show teacher | student first", error=True)
+            return []
+        if not str(self.export_folder.value) or folder == Path("."):
+            self._say("choose an export folder first", error=True)
+            return []
+        slide = self.state.slide
+        stem = slide.name
+        try:
+            if fmt == "GeoJSON":
+                written = [exports.export_geojson(folder / f"{stem}_teacher_student.geojson", self.maps)]
+            elif fmt == "CSV":
+                written = [exports.export_csv(folder / f"{stem}_teacher_student.csv", self.maps)]
+            elif fmt == "PNG":
+                from napari_mil.heatmaps import shared_limits
+
+                limits = shared_limits(list(self.maps.values()), self.norm.value)
+                ds = max(slide.dimensions) / 2048
+                written = [exports.export_overlay_png(folder / f"{stem}_{panel}.png", amap, slide.dimensions, ds,
+                                                      how=self.norm.value, limits=limits, colormap=self.colormap.value)
+                           for panel, amap in self.maps.items()]
+            else:
+                written = [p for amap in self.maps.values()
+                           for p in exports.export_top_k(folder / f"{stem}_top{self.k.value}", slide, amap, self.k.value)]
+        except (NapariMilError, OSError) as exc:
+            self._say(f"export failed: {exc}", error=True)
+            return []
+        self._say(f"wrote {len(written)} file(s) to {folder}")
+        return written
