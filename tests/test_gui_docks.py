@@ -106,7 +106,7 @@ def test_model_loads_checkpoints_and_shows_the_map(viewer, qtbot, with_features,
     wait_for(qtbot, model_dock, model_dock.load(tmp_path / "fold_0_model_best.pt"))
     assert state.teacher is not None and "MHIM-MIL v1" in model_dock.status.value and "teacher" in model_dock.status.value
     wait_for(qtbot, model_dock, model_dock.infer())
-    logits, attention = student(torch.from_numpy(np.asarray(state.features.features, np.float32))[None])
+    _, attention = student(torch.from_numpy(np.asarray(state.features.features, np.float32))[None])
     assert np.allclose(state.attention.values, attention[0].detach().numpy(), atol=1e-5)
 
 
@@ -171,7 +171,7 @@ def test_compare_side_by_side(viewer, qtbot, mhim_pair, tmp_path):
     i = int(np.flatnonzero(student.masked["high"])[0])
     x, y = teacher.coords[i]
     text = compare.describe(y + 10, x + 10)
-    assert f"rank {int(round(teacher.ranks()[i]))}/{n}" in text and "masked random-high" in text
+    assert f"rank {round(teacher.ranks()[i])}/{n}" in text and "masked random-high" in text
 
     # the gallery: k patches per map; a click centres the linked views on the patch
     assert len(compare.gallery) == 2 and len(compare.gallery[0]) == 1 + compare.k.value

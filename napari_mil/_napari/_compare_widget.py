@@ -26,7 +26,7 @@ from magicgui.widgets import (
 
 from napari_mil._napari._widgets import DockBase
 from napari_mil.errors import NapariMilError
-from napari_mil.heatmaps import MASK_KINDS, NORMALISATIONS
+from napari_mil.heatmaps import MASK_KINDS
 
 if TYPE_CHECKING:
     import napari
@@ -283,7 +283,7 @@ class CompareWidget(DockBase):
             return ""
         parts = [f"patch ({teacher.coords[i][0]}, {teacher.coords[i][1]})"]
         for panel, amap in self.maps.items():
-            rank = int(round(amap.ranks()[i]))
+            rank = round(amap.ranks()[i])
             parts.append(f"{panel}: {amap.values[i]:.2e}, rank {rank}/{len(amap)}")
         student = self.maps["student"]
         masked = [MASK_NAMES[k] for k in MASK_KINDS if student.masked.get(k) is not None and student.masked[k][i]]

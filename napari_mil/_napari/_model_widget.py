@@ -77,7 +77,7 @@ class ModelWidget(DockBase):
         self.model_name.value = meta["model"]
         source = meta.get("layout", "napari-mil")
         extra = " and its MHIM-MIL teacher" if teacher is not None else ""
-        self._say(f"loaded a {dict((v, k) for k, v in MODEL_CHOICES).get(meta['model'], meta['model'])} ({source}, "
+        self._say(f"loaded a {{v: k for k, v in MODEL_CHOICES}.get(meta['model'], meta['model'])} ({source}, "
                   f"{meta['in_dim']}-d features, {meta['n_classes']} classes){extra} from {path.name}")
 
     def infer(self):
