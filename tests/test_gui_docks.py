@@ -212,3 +212,71 @@ def test_compare_says_what_is_missing(viewer, qtbot, with_features):
     compare = dock(viewer, "Compare teacher | student")
     assert compare.compare() is None and "no teacher and student yet" in compare.status.value
     assert compare.export("CSV") == [] and "show teacher | student first" in compare.status.value
+
+
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory):
+    from napari_mil.synthetic import make_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    return make_cohort(root, n_slides=10, seed=3, width=2560, height=2048, mpp=0.5, burden_range=(0.1, 0.4))
+
+
+def test_retrain_with_mhim_live_curves_and_maps(viewer, qtbot, small_cohort, tmp_path):
+    import csv as csv_module
+
+    import numpy as np
+
+    with open(small_cohort) as fh:
+        first = next(csv_module.DictReader(fh))
+    slide_dock = dock(viewer, "Slide & tissue")
+    viewer.open(small_cohort.parent / first["path"], plugin=PLUGIN)
+    wait_for(qtbot, slide_dock, slide_dock.detect())
+    wait_for(qtbot, slide_dock, slide_dock.tile())
+    features = dock(viewer, "Features")
+    features.workers.value = 0
+    wait_for(qtbot, features, features.extract())
+
+    retrain = dock(viewer, "Retrain")
+    retrain.cohort.value = str(small_cohort)
+    retrain.checkpoint_dir.value = str(tmp_path / "models")
+    retrain.preset.value = "tcga_abmil"  # one click fills the recipe
+    assert retrain.mhim_fields["mask_ratio"].value == pytest.approx(0.7) and retrain.mm_schedule.value
+    retrain.epochs.value = 3
+    wait_for(qtbot, retrain, retrain.train(), timeout=240_000)
+    assert retrain.result is not None, retrain.status.value
+    assert [len(p.series.get("train", [])) for p in (retrain.loss_plot,)] == [3]
+    assert len(retrain.mask_plot.series["masked"]) == 3 and retrain.mask_plot.series["masked"][0][1] > 0.5
+    assert (tmp_path / "models" / "abmil_retrained.safetensors").exists()
+    assert (tmp_path / "models" / "abmil_retrained_teacher.safetensors").exists()
+    state = retrain.state
+    assert state.teacher is not None and state.model_meta["encoder"] == "hne_stats"
+    assert viewer.canvas.grid.enabled and "student | attention" in viewer.layers  # the maps came live
+    student = viewer.layers["student | attention"].metadata["napari_mil_map"]
+    assert student.masked["low"].sum() == int(0.2 * len(student)) and np.isfinite(student.values).all()
+
+
+def test_retrain_bad_cohorts_and_cancel(viewer, qtbot, small_cohort, tmp_path):
+    retrain = dock(viewer, "Retrain")
+    assert retrain.train() is None and "choose a cohort CSV" in retrain.status.value
+    rows = small_cohort.read_text().splitlines()
+    missing = tmp_path / "missing.csv"
+    missing.write_text("\n".join([rows[0], rows[1].replace(".tif", "_gone.tif"), *rows[2:]]))
+    retrain.cohort.value = str(missing)
+    assert retrain.train() is None and "do not exist: synthetic_000_gone.tif" in retrain.status.value
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text("slide_id,path\nsynthetic_000,synthetic_000.tif\n")
+    retrain.cohort.value = str(unlabelled)
+    assert retrain.train() is None and "needs a 'label' column" in retrain.status.value
+
+    retrain.cohort.value = str(small_cohort)
+    retrain.features_root.value = str(tmp_path / "features")  # nothing cached: extraction first
+    retrain.checkpoint_dir.value = str(tmp_path / "models")
+    worker = retrain.train()
+    qtbot.waitUntil(lambda: retrain.progress.value >= 1, timeout=120_000)  # a slide's features are done
+    retrain.cancel()
+    wait_for(qtbot, retrain, worker, timeout=120_000)
+    message = retrain.status.value.lower()
+    assert retrain.result is None and ("cancel" in message or "stopped" in message)
+    assert list((tmp_path / "features").rglob("*.h5"))  # what was extracted stays
+    assert retrain.train_button.enabled and viewer.layers is not None

@@ -77,8 +77,9 @@ class ModelWidget(DockBase):
         self.model_name.value = meta["model"]
         source = meta.get("layout", "napari-mil")
         extra = " and its MHIM-MIL teacher" if teacher is not None else ""
-        self._say(f"loaded a {{v: k for k, v in MODEL_CHOICES}.get(meta['model'], meta['model'])} ({source}, "
-                  f"{meta['in_dim']}-d features, {meta['n_classes']} classes){extra} from {path.name}")
+        label = {value: text for text, value in MODEL_CHOICES}.get(meta["model"], meta["model"])
+        self._say(f"loaded a {label} ({source}, {meta['in_dim']}-d features, {meta['n_classes']} classes){extra} "
+                  f"from {path.name}")
 
     def infer(self):
         """Run the model on the slide's features in a worker; show the prediction and the map."""

@@ -33,3 +33,16 @@ def state_for(viewer) -> ViewerState:
     if viewer not in _STATES:
         _STATES[viewer] = ViewerState()
     return _STATES[viewer]
+
+
+_DOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def register_dock(viewer, dock) -> None:
+    """Remember a viewer's dock by its class, so one dock can reach another (Retrain -> Compare)."""
+    _DOCKS.setdefault(viewer, {})[type(dock)] = weakref.ref(dock)
+
+
+def find_dock(viewer, cls):
+    ref = _DOCKS.get(viewer, {}).get(cls)
+    return ref() if ref is not None else None

@@ -17,7 +17,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from napari_mil._napari._state import state_for
+from napari_mil._napari._state import register_dock, state_for
 from napari_mil.errors import NapariMilError
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class DockBase(Container):
         self._workers: set = set()
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
+        register_dock(napari_viewer, self)
 
     def _say(self, message: str, error: bool = False) -> None:
         self.status.value = message

@@ -93,7 +93,12 @@ def predict_probs(model, bags, device) -> tuple[np.ndarray, float]:
 
 def train(train_bags, val_bags, cfg: TrainConfig, checkpoint: str | Path | None = None,
           on_epoch: Callable[[EpochReport], None] | None = None, cancel: Callable[[], bool] | None = None,
-          extra_meta: dict | None = None) -> TrainResult:
+          extra_meta: dict | None = None, on_start: Callable | None = None) -> TrainResult:
+    """Train ``cfg.model`` on the training bags, early-stopping on the validation bags.
+
+    ``on_start(model, mhim)`` receives the model (and the MHIMTrainer, or None) before the first
+    epoch; ``on_epoch(report)`` runs after each epoch, between optimiser steps, so it may read
+    the models safely (the GUI draws its live maps there); ``cancel()`` is polled before each bag."""
     if not train_bags or not val_bags:
         raise NapariMilError("training needs at least one training and one validation slide")
     torch.manual_seed(cfg.seed)
@@ -118,6 +123,8 @@ def train(train_bags, val_bags, cfg: TrainConfig, checkpoint: str | Path | None 
         if cfg.class_weighting else None
     mhim = MHIMTrainer(model, cfg.mhim, cfg.epochs * len(train_bags), teacher_state, seed=cfg.seed) if cfg.mhim else None
     use_amp = cfg.amp and device.type == "cuda"
+    if on_start is not None:
+        on_start(model, mhim)
     history, best_loss, best_epoch, best_state, stale = [], float("inf"), -1, None, 0
     meta = {"train_config": _jsonable(asdict(cfg)), "model": cfg.model, "model_cfg": model_cfg,
             "in_dim": in_dim, "n_classes": n_classes, **(extra_meta or {})}

@@ -1,0 +1,76 @@
+"""A cohort of slide files for training: the labels CSV with a ``path`` column, and the features
+each slide needs, extracted where missing and reused where cached.
+
+The CSV has ``slide_id``, ``label`` and ``path`` (relative to the CSV's folder or absolute),
+optionally ``patient_id`` and ``split``, as ``napari_mil.synthetic.make_cohort`` writes it.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from napari_mil.features.store import feature_path
+from napari_mil.training.data import CohortError, SlideRecord, load_bags, read_labels
+
+
+@dataclass
+class CohortSlide:
+    record: SlideRecord
+    path: Path
+
+
+@dataclass
+class CohortProgress:
+    done: int  # slides with features
+    total: int
+    slide_id: str
+    extracted: bool  # False: its cached features were reused
+
+
+def read_cohort(csv_path: str | Path) -> list[CohortSlide]:
+    """The CSV's slides with their files; refuses a CSV without paths or naming missing files."""
+    csv_path = Path(csv_path)
+    records = read_labels(csv_path)
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if "path" not in (rows[0] if rows else {}):
+        raise CohortError(f"{csv_path.name} needs a 'path' column with each slide's file")
+    paths = {row["slide_id"].strip(): Path(row["path"].strip()) for row in rows}
+    slides, missing = [], []
+    for r in records:
+        path = paths[r.slide_id] if paths[r.slide_id].is_absolute() else csv_path.parent / paths[r.slide_id]
+        (slides if path.is_file() else missing).append(CohortSlide(r, path))
+    if missing:
+        shown = ", ".join(str(s.path.name) for s in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CohortError(f"{len(missing)} slide file(s) of {csv_path.name} do not exist: {shown}")
+    return slides
+
+
+def ensure_features(slides: list[CohortSlide], encoder, feature_root: str | Path, magnification: float = 20.0,
+                    patch_size: int = 256, tissue_preset: str = "resection", num_workers: int = 0,
+                    progress: Callable[[CohortProgress], None] | None = None,
+                    cancel: Callable[[], bool] | None = None):
+    """Features for every slide (tissue detected and tiled with these settings where a slide has
+    none yet; cached feature files reused as they are), then the bags, checked as for training."""
+    from napari_mil.features.extract import ExtractionCancelled, extract_features
+    from napari_mil.slide import open_slide
+    from napari_mil.tiling import make_patch_grid
+    from napari_mil.tissue import detect_tissue
+
+    for i, item in enumerate(slides):
+        if cancel is not None and cancel():
+            raise ExtractionCancelled(f"stopped before {item.record.slide_id}; the features extracted so far are kept")
+        target = feature_path(feature_root, encoder.name, item.record.slide_id)
+        extracted = not target.exists()
+        if extracted:
+            with open_slide(item.path) as slide:
+                grid = make_patch_grid(slide, detect_tissue(slide, tissue_preset), patch_size=patch_size,
+                                       magnification=magnification)
+            grid = replace(grid, slide_name=item.record.slide_id)
+            extract_features(item.path, grid, encoder, feature_root, num_workers=num_workers, cancel=cancel)
+        if progress is not None:
+            progress(CohortProgress(i + 1, len(slides), item.record.slide_id, extracted))
+    return load_bags([s.record for s in slides], feature_root, encoder.name)
