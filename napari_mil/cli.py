@@ -7,7 +7,7 @@
     napari-mil predict SLIDE_ID ... --checkpoint CKPT --features DIR --out DIR
     napari-mil export ATTENTION.h5 --out DIR [--formats geojson,csv,png,topk] [--slide SLIDE]
     napari-mil synthetic OUT.tif | --cohort N OUT_DIR
-    napari-mil demo [--headless OUT]
+    napari-mil demo [--headless OUT] [--slide synthetic|cmu1]
 """
 
 from __future__ import annotations
@@ -406,7 +406,7 @@ def cmd_synthetic(args) -> int:
 def cmd_demo(args) -> int:
     from napari_mil._napari._demo import run_demo  # Qt is imported only here
 
-    summary = run_demo(headless=args.headless, slide=args.slide)
+    summary = run_demo(headless=args.headless, slide=args.slide, epochs=args.epochs)
     if args.headless:
         print(json.dumps(summary, indent=2))
     return 0
@@ -522,10 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
     enc = sub.add_parser("encoders", help="list the available encoders")
     enc.set_defaults(func=cmd_encoders)
 
-    d = sub.add_parser("demo", help="open napari with the docks and a sample slide, detected and tiled")
+    d = sub.add_parser("demo", help="the teaching demo: train MHIM-MIL live and compare teacher and student")
     d.add_argument("--headless", metavar="OUT", default=None,
-                   help="run without interaction and write mask, grid, preview and screenshot to OUT")
-    d.add_argument("--slide", default="synthetic", help="'synthetic', 'cmu1' or a slide path")
+                   help="run without interaction and write screenshots, exports and summary.json to OUT")
+    d.add_argument("--slide", default="synthetic", choices=("synthetic", "cmu1"),
+                   help="the slide to map: a held-out synthetic slide with ground truth, or the real CMU-1")
+    d.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
     d.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job: napari with the napari-mil docks and a synthetic slide, tissue detected and
-# tiled. Without a display it runs headless under Xvfb and writes the mask, the grid, a preview
-# and a screenshot to demo_output/ (or the folder given as the first argument).
+# The main job, the teaching demo: napari opens a held-out synthetic slide with ground truth,
+# trains an MHIM-MIL model on a small synthetic cohort with live curves, and shows the ground
+# truth, the teacher and the masked student side by side. Without a display it runs headless
+# under Xvfb and writes screenshots, exports and summary.json to demo_output/ (or the folder
+# given as the first argument).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh

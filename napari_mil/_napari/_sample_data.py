@@ -61,3 +61,17 @@ def synthetic_slide():
         "labels",
     ))
     return layers
+
+
+def teaching_demo():
+    """File > Open Sample > napari-mil > Teaching demo: starts the demo in the current viewer."""
+    import napari
+    from qtpy.QtCore import QTimer
+
+    from napari_mil._napari._demo import TeachingDemo
+
+    viewer = napari.current_viewer()
+    demo = TeachingDemo(viewer)
+    viewer.window._napari_mil_demo = demo  # keep it alive while it runs
+    QTimer.singleShot(0, demo.start)
+    return []
