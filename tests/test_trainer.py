@@ -220,3 +220,13 @@ def test_mhim_teacher_starts_from_a_baseline_checkpoint(bags, tmp_path):
                                                   teacher_init=str(tmp_path / "baseline")))
     with pytest.raises(NapariMilError, match="needs MHIM-MIL mode"):
         train(bags[:10], bags[10:13], TrainConfig(epochs=1, teacher_init=str(tmp_path / "baseline")))
+
+
+def test_a_validation_loss_that_is_never_finite_is_reported():
+    from napari_mil.training.data import Bag
+
+    rng = np.random.default_rng(0)
+    bags = [Bag(f"s{i}", i % 2, f"p{i}", np.full((5, 4), np.inf, np.float32), np.zeros((5, 2)))
+            for i in range(6)]
+    with pytest.raises(NapariMilError, match="validation loss was never finite"):
+        train(bags[:4], bags[4:], TrainConfig(epochs=2))

@@ -105,7 +105,7 @@ def select_masks(attention: torch.Tensor, cfg: MHIMConfig, mask_ratio_h: float |
     n_rand = min(int(cfg.mask_ratio * len(remaining)), max(len(remaining) - 1, 0))
     if n_rand:
         rand[remaining[torch.randperm(len(remaining), generator=generator)[:n_rand].to(device)]] = True
-    if not (~(high | low | rand)).any():  # never mask everything: keep the top-ranked survivor
+    if not (~(high | low | rand)).any():  # never mask everything: keep the lowest-attention instance
         low[order[-1]] = False
     return InstanceMasks(high, low, rand)
 

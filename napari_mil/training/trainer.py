@@ -173,6 +173,9 @@ def train(train_bags, val_bags, cfg: TrainConfig, checkpoint: str | Path | None 
             on_epoch(report)
         if stale >= cfg.patience:
             break
+    if best_state is None:
+        raise NapariMilError("the validation loss was never finite: check the features (scale, NaN) and the "
+                             "learning rate; no checkpoint was written")
     model.load_state_dict(best_state)
     probs, _ = predict_probs(model, val_bags, device)
     labels = np.array([b.label for b in val_bags])
