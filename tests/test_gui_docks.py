@@ -280,3 +280,4 @@ def test_retrain_bad_cohorts_and_cancel(viewer, qtbot, small_cohort, tmp_path):
     assert retrain.result is None and ("cancel" in message or "stopped" in message)
     assert list((tmp_path / "features").rglob("*.h5"))  # what was extracted stays
     assert retrain.train_button.enabled and viewer.layers is not None
+

@@ -51,21 +51,28 @@ def demo_slide_path() -> Path:
 
 
 def demo_cohort() -> Path:
-    """The labelled training cohort (labels.csv with slide paths), written once."""
+    """The labelled training cohort (labels.csv with slide paths), written once.
+
+    It is written in a separate process: it runs beside the viewer's own slide reading on
+    another core, and its JPEG encoder never shares a process with OpenSlide's decoder (with
+    both in one process, reads of the open slide stalled while the cohort was written)."""
+    import multiprocessing
+
     from napari_mil.synthetic import make_cohort
 
     folder = demo_folder() / "cohort"
     csv_path = folder / "labels.csv"
     if not csv_path.exists():
-        make_cohort(folder, **DEMO_COHORT)
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            pool.apply(make_cohort, (folder,), DEMO_COHORT)
     return csv_path
 
 
 class TeachingDemo:
     """The demo's steps, each started when the previous one's worker has finished."""
 
-    def __init__(self, viewer, slide: str = "synthetic", epochs: int = DEMO_EPOCHS):
-        self.viewer, self.slide, self.epochs = viewer, slide, epochs
+    def __init__(self, viewer, slide: str = "synthetic", epochs: int = DEMO_EPOCHS, snapshots: Path | None = None):
+        self.viewer, self.slide, self.epochs, self.snapshots = viewer, slide, epochs, snapshots
         self.docks = {name: viewer.window.add_plugin_dock_widget("napari-mil", name, tabify=True)[1]
                       for name in ("Slide & tissue", "Features", "Model", "Compare teacher | student", "Retrain")}
         self.t0 = time.perf_counter()
@@ -115,6 +122,13 @@ class TeachingDemo:
     def _extract(self) -> None:
         self.mark("tiled_s")
         self.viewer.reset_view()
+        if self.snapshots is not None:  # the first picture: slide, tissue and patches
+            import numpy as np
+            from PIL import Image
+
+            self.snapshots.mkdir(parents=True, exist_ok=True)
+            shot = self.viewer.screenshot(canvas_only=False, flash=False)
+            Image.fromarray(np.asarray(shot)).save(self.snapshots / "first_picture.png")
         dock = self.docks["Features"]
         self._then(dock, dock.extract(), self._features_done)
 
@@ -196,7 +210,7 @@ def run_demo(headless: str | Path | None = None, slide: str = "synthetic", epoch
 
     viewer = napari.Viewer(title="napari-mil teaching demo", show=True)
     viewer.window.resize(1600, 1000)
-    demo = TeachingDemo(viewer, slide, epochs)
+    demo = TeachingDemo(viewer, slide, epochs, Path(headless) if headless is not None else None)
     demo.start()
     if headless is None:
         napari.run()
