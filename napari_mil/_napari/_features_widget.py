@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from magicgui.widgets import ComboBox, FileEdit, Label, ProgressBar, PushButton, SpinBox
 
-from napari_mil._napari._widgets import DockBase
+from napari_mil._napari._widgets import DockBase, yield_reports
 from napari_mil.errors import NapariMilError
 
 if TYPE_CHECKING:
@@ -81,32 +81,13 @@ class FeaturesWidget(DockBase):
 
     def _run(self, slide_path, grid, encoder_name, device, batch_size, workers, out, mpp):
         """Generator run by the worker: yields progress, returns the ExtractionResult."""
-        import queue
-
         from napari_mil.encoders import create_encoder
         from napari_mil.features.extract import extract_features
 
         encoder = create_encoder(encoder_name, device=device)
-        updates: queue.SimpleQueue = queue.SimpleQueue()
-        result: dict = {}
-
-        def run():
-            try:
-                result["value"] = extract_features(slide_path, grid, encoder, out, batch_size=batch_size,
-                                                   num_workers=workers, mpp=mpp, progress=updates.put,
-                                                   cancel=self._cancel.is_set)
-            except BaseException as exc:  # noqa: BLE001  handed to the worker, which reports it
-                result["error"] = exc
-            updates.put(None)
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        while (update := updates.get()) is not None:
-            yield update
-        thread.join()
-        if "error" in result:
-            raise result["error"]
-        return result["value"]
+        return (yield from yield_reports(lambda report: extract_features(
+            slide_path, grid, encoder, out, batch_size=batch_size, num_workers=workers, mpp=mpp, progress=report,
+            cancel=self._cancel.is_set)))
 
     def _on_progress(self, update) -> None:
         self.progress.value = update.done

@@ -22,7 +22,7 @@ from magicgui.widgets import (
 )
 
 from napari_mil._napari._model_widget import MODEL_CHOICES
-from napari_mil._napari._widgets import DockBase
+from napari_mil._napari._widgets import DockBase, yield_reports
 from napari_mil.errors import NapariMilError
 
 if TYPE_CHECKING:
@@ -156,50 +156,32 @@ class RetrainWidget(DockBase):
 
     def _run(self, slides, cfg, feature_root, checkpoint_dir, encoder_name):
         """Generator run by the worker: cohort progress, epochs and maps as TrainingUpdates."""
-        import queue
-
         from napari_mil.encoders import create_encoder
         from napari_mil.training.cohort import ensure_features
         from napari_mil.training.data import patient_folds
         from napari_mil.training.trainer import train
 
-        updates: queue.SimpleQueue = queue.SimpleQueue()
-        outcome: dict = {}
         open_bag = self.state.features  # the open slide's features, for the live maps
 
-        def run():
-            try:
-                encoder = create_encoder(encoder_name, device="auto")
-                bags = ensure_features(slides, encoder, feature_root, progress=lambda p: updates.put(TrainingUpdate("cohort", p)),
-                                       cancel=self._cancel.is_set)
-                if all(s.record.split for s in slides):
-                    pick = {name: [b for b, s in zip(bags, slides) if s.record.split == name] for name in ("train", "val")}
-                else:
-                    fold = patient_folds(bags, k=5, seed=cfg.seed)[0]
-                    pick = {name: [bags[i] for i in fold[name]] for name in ("train", "val")}
-                holder: dict = {}
+        def run(report):
+            encoder = create_encoder(encoder_name, device="auto")
+            bags = ensure_features(slides, encoder, feature_root, progress=lambda p: report(TrainingUpdate("cohort", p)),
+                                   cancel=self._cancel.is_set)
+            if all(s.record.split for s in slides):
+                pick = {name: [b for b, s in zip(bags, slides) if s.record.split == name] for name in ("train", "val")}
+            else:
+                fold = patient_folds(bags, k=5, seed=cfg.seed)[0]
+                pick = {name: [bags[i] for i in fold[name]] for name in ("train", "val")}
+            holder: dict = {}
 
-                def on_epoch(report):
-                    maps = self._maps_now(holder, open_bag, cfg)
-                    updates.put(TrainingUpdate("epoch", (report, maps)))
+            def on_epoch(epoch_report):
+                report(TrainingUpdate("epoch", (epoch_report, self._maps_now(holder, open_bag, cfg))))
 
-                result = train(pick["train"], pick["val"], cfg, checkpoint=checkpoint_dir / f"{cfg.model}_retrained",
-                               on_epoch=on_epoch, cancel=self._cancel.is_set,
-                               extra_meta={"encoder": encoder_name}, on_start=lambda model, mhim: holder.update(
-                                   model=model, mhim=mhim))
-                outcome["value"] = result
-            except BaseException as exc:  # noqa: BLE001  handed to the worker, which reports it
-                outcome["error"] = exc
-            updates.put(None)
+            return train(pick["train"], pick["val"], cfg, checkpoint=checkpoint_dir / f"{cfg.model}_retrained",
+                         on_epoch=on_epoch, cancel=self._cancel.is_set, extra_meta={"encoder": encoder_name},
+                         on_start=lambda model, mhim: holder.update(model=model, mhim=mhim))
 
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        while (update := updates.get()) is not None:
-            yield update
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["value"]
+        return (yield from yield_reports(run))
 
     @staticmethod
     def _maps_now(holder: dict, bag, cfg):

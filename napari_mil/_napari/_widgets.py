@@ -43,6 +43,33 @@ def _user_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def yield_reports(target):
+    """Generator for a thread worker: runs ``target(report)`` in a thread of its own and yields
+    every value it passes to ``report`` (a core function's progress callback) as it comes; returns
+    ``target``'s result, or raises its error, at the end."""
+    import queue
+    import threading
+
+    updates: queue.SimpleQueue = queue.SimpleQueue()
+    done, outcome = object(), {}
+
+    def run():
+        try:
+            outcome["value"] = target(updates.put)
+        except BaseException as exc:  # noqa: BLE001  re-raised in the worker below
+            outcome["error"] = exc
+        updates.put(done)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    while (update := updates.get()) is not done:
+        yield update
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 class DockBase(Container):
     """What every dock shares: the viewer's state, a status line, and thread workers whose
     results come back on the GUI thread and whose errors become notifications."""
