@@ -1,24 +1,25 @@
 """Training speed: the trainer against a bare loop and torchmil, MHIM-MIL's cost, TransMIL on a 100k-instance bag.
 
-    .venv/bin/python benchmarks/bench_training_speed.py [--bags 200] [--instances 5000] [--transmil-bags 20]
-        [--epochs 3] [--models abmil,transmil] [--no-torchmil] [--no-mhim] [--big-bag 100000] [--out training_speed.json]
+    .venv/bin/python benchmarks/bench_training_speed.py  # about 20 minutes on 2 cores
 
-The torchmil comparison needs `pip install torchmil` (the `bench` extra); without it, or with
---no-torchmil, it is skipped.
+Options (defaults): --bags 200 --instances 5000 --transmil-bags 20 --epochs 3 --models
+abmil,transmil --big-bag 100000 (0 skips it) --out training_speed.json, --no-mhim. The torchmil
+comparison needs `pip install torchmil` (the `bench` extra); without it, or with --no-torchmil,
+it is skipped.
 
 Protocol. Bags: --bags bags of --instances instances of 1,024 float32 features held in memory
 (200 x 5,000 x 1,024 = 4.1 GB), standard normal from a fixed seed; every second bag is positive,
 and in it 5% of the instances are shifted by 3 along a fixed random direction (a signal the
 models learn). Two more bags of the same size, one per class, are the validation set. ABMIL
-trains on all bags, TransMIL on the first --transmil-bags (it is ~50x slower per bag on a CPU).
+trains on all bags, TransMIL on the first --transmil-bags (a step is ~60x slower on a CPU).
 
 Per model, in its default configuration (abmil: 1,024 -> 128 embedding, 128-d attention;
 transmil: 512-d, 8 heads of 64, 256 landmarks), one `train()` run of 1 + --epochs epochs on the
 CPU (seed 0, patience never reached). Its `EpochReport.seconds` is what is timed: the shuffled
 pass over the training bags (tensor from numpy, forward, class-weighted cross-entropy,
 zero_grad, backward, Adam step, loss.item()) followed by the validation pass (forward of the
-2 validation bags, AUC). From the trainer's `on_epoch` callback, i.e. between its epochs, run one
-epoch each of the references, so all alternate epoch by epoch under the same machine load:
+2 validation bags, AUC). From the trainer's `on_epoch` callback, i.e. between its epochs, one
+epoch of each reference runs, so the loops alternate epoch by epoch under the same machine load:
 - bare: the same model (`create_model`, same seed) and Adam (same lr and weight decay) in the
   minimal loop `for bag: out = model(x); loss = cross_entropy(out.logits, y); zero_grad();
   backward(); step()` over tensors made beforehand, no validation;
