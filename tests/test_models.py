@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from napari_mil.errors import NapariMilError
 from napari_mil.models import create_model, list_models, parameter_counts
@@ -171,6 +172,48 @@ def test_transmil_front_padding_is_sliced_off_correctly():
         q_l, k_l = q.reshape(1, 2, 8, 5, 16).mean(-2), k.reshape(1, 2, 8, 5, 16).mean(-2)
         full = torch.softmax(q @ k_l.transpose(-1, -2), -1) @ iterative_pinv(torch.softmax(q_l @ k_l.transpose(-1, -2), -1)) @ torch.softmax(q_l @ k.transpose(-1, -2), -1)
     torch.testing.assert_close(row, full[:, :, 3, 3:], atol=1e-5, rtol=1e-4)
+
+
+def test_ppeg_single_convolution_equals_the_three_and_trains_them():
+    """PPEG runs x + conv7(x) + conv5(x) + conv3(x) as one merged 7x7 convolution: the output and
+    each of the three convolutions' gradients must equal those of the literal sum."""
+    from napari_mil.models.transmil import PPEG
+
+    torch.manual_seed(0)
+    ppeg, side = PPEG(16), 9
+    tokens = torch.randn(2, side * side, 16)
+    out = ppeg.encode(tokens, side)
+    out.square().sum().backward()
+    merged_grads = [p.grad.clone() for p in ppeg.parameters()]
+    ppeg.zero_grad()
+    grid = tokens.transpose(1, 2).reshape(2, 16, side, side)
+    literal = (grid + ppeg.proj(grid) + ppeg.proj1(grid) + ppeg.proj2(grid)).flatten(2).transpose(1, 2)
+    literal.square().sum().backward()
+    torch.testing.assert_close(out, literal, atol=1e-5, rtol=1e-5)
+    for merged, p in zip(merged_grads, ppeg.parameters(), strict=True):
+        torch.testing.assert_close(merged, p.grad, atol=1e-4, rtol=1e-4)
+    assert all(g.abs().sum() > 0 for g in merged_grads)
+
+
+def test_transmil_recomputed_attention_matches_the_stored_one():
+    """Long bags in training recompute the attention matrices in the backward pass: same logits,
+    attention and gradients as keeping them."""
+    torch.manual_seed(0)
+    model = create_model("transmil", in_dim=8, dim=32, heads=4, landmarks=8, dropout=0.0).train()
+    x = torch.randn(1, 200, 8)
+    results = []
+    for threshold in (10**9, 16):  # 200 instances + squaring + class token > 16: recomputed
+        model.layer1.attn.recompute_above = model.layer2.attn.recompute_above = threshold
+        model.zero_grad()
+        out = model(x)
+        F.cross_entropy(out.logits, torch.tensor([1])).backward()
+        results.append((out.logits, out.attention, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (logits_a, att_a, grads_a), (logits_b, att_b, grads_b) = results
+    torch.testing.assert_close(logits_a, logits_b)
+    torch.testing.assert_close(att_a, att_b)
+    assert len(grads_a) == len(grads_b) > 10
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b)
 
 
 def test_transmil_official_defaults_and_big_bags():

@@ -79,9 +79,11 @@ class NystromAttention(nn.Module):
             out, row = _recomputed_attention(q, k, v, q_l, k_l, attn2_inv, query)
         else:
             attn1, attn3 = _landmark_attention(q, k, q_l, k_l)
-            out = (attn1 @ attn2_inv) @ (attn3 @ v)  # (B, H, Np, d)
+            # attn1 @ (attn2_inv @ (attn3 @ v)): the product's other order would make an (Np, m) @ (m, m)
+            # product, four times the multiplications of the whole chain
+            out = attn1 @ (attn2_inv @ (attn3 @ v))  # (B, H, Np, d)
             row = (attn1[:, :, query : query + 1] @ attn2_inv) @ attn3  # (B, H, 1, Np)
-        out = out + self.res_conv(v)
+        out = out + self.res_conv(v.contiguous(memory_format=torch.channels_last))  # mkldnn's fast layout
         out = out.transpose(1, 2).reshape(b, n + pad, self.heads * self.dim_head)  # (B, Np, H*d)
         out = self.to_out(out)[:, -n:]  # drop the front padding
         return out, row[:, :, 0, pad:]  # (B, H, N): the query's attention over the real tokens
@@ -100,7 +102,7 @@ def _recomputed_attention(q, k, v, q_l, k_l, attn2_inv, query: int) -> tuple[tor
 
     def attend(q, k, v, q_l, k_l, attn2_inv):
         attn1, attn3 = _landmark_attention(q, k, q_l, k_l)
-        return (attn1 @ attn2_inv) @ (attn3 @ v)
+        return attn1 @ (attn2_inv @ (attn3 @ v))
 
     def attend_row(q, k, q_l, k_l, attn2_inv):
         attn1, attn3 = _landmark_attention(q, k, q_l, k_l)
@@ -140,10 +142,17 @@ class PPEG(nn.Module):
         return torch.cat([cls, self.encode(feat, side)], dim=1)
 
     def encode(self, feat: torch.Tensor, side: int) -> torch.Tensor:
-        """(B, side^2, C) tokens -> the same tokens plus their positional encoding."""
+        """(B, side^2, C) tokens -> the same tokens plus their positional encoding.
+
+        x + conv7(x) + conv5(x) + conv3(x) is computed as one depthwise 7x7 convolution whose
+        kernel is the sum of the three (centred) plus the identity: the same linear map, a third
+        of the work, and the parameters and their gradients are those of the three convolutions."""
         b, _, c = feat.shape
-        grid = feat.transpose(1, 2).reshape(b, c, side, side)  # (B, C, side, side)
-        grid = grid + self.proj(grid) + self.proj1(grid) + self.proj2(grid)
+        grid = feat.transpose(1, 2).reshape(b, c, side, side)  # (B, C, side, side), a channels-last view
+        identity = F.pad(feat.new_ones(c, 1, 1, 1), (3, 3, 3, 3))
+        kernel = self.proj.weight + F.pad(self.proj1.weight, (1, 1, 1, 1)) + F.pad(self.proj2.weight, (2, 2, 2, 2))
+        bias = self.proj.bias + self.proj1.bias + self.proj2.bias
+        grid = F.conv2d(grid, kernel + identity, bias, padding=3, groups=c)
         return grid.flatten(2).transpose(1, 2)
 
     def encode_padded(self, feat: torch.Tensor) -> torch.Tensor:
