@@ -102,6 +102,20 @@ def test_cancel_mid_epoch_keeps_the_last_good_checkpoint(bags, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_cancelled_training_lets_go_of_its_models(bags):
+    """What a cancelled run held (models, optimiser state: GPU memory on a GPU) is freed once the
+    error is raised, though the caller keeps the error and its traceback."""
+    import weakref
+
+    held = {}
+    cfg = TrainConfig(epochs=3, mhim=preset("camelyon16_abmil"))
+    with pytest.raises(TrainingCancelled) as caught:
+        train(bags[:10], bags[10:], cfg, cancel=lambda: "model" in held,
+              on_start=lambda model, mhim: held.update(model=weakref.ref(model), teacher=weakref.ref(mhim.teacher)))
+    assert caught.value.__traceback__ is not None
+    assert held["model"]() is None and held["teacher"]() is None
+
+
 def test_checkpoint_of_other_features_or_architecture(bags, tmp_path):
     train(bags[:10], bags[10:], TrainConfig(epochs=1), checkpoint=tmp_path / "m")
     with pytest.raises(CheckpointError, match="expects 38-d features .* these have 1024"):

@@ -9,9 +9,11 @@ atomically whenever validation improves, so a cancel keeps the last good one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,6 +93,25 @@ def predict_probs(model, bags, device) -> tuple[np.ndarray, float]:
     return np.stack(probs), float(np.mean(losses))
 
 
+def _releases_gpu_memory(fn):
+    """When ``fn`` returns or fails (a cancel included), the GPU memory it held goes back to the
+    driver: the frames of a failure are cleared first, so that their tensors are freed."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as exc:
+            traceback.clear_frames(exc.__traceback__)
+            raise
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    return wrapper
+
+
+@_releases_gpu_memory
 def train(train_bags, val_bags, cfg: TrainConfig, checkpoint: str | Path | None = None,
           on_epoch: Callable[[EpochReport], None] | None = None, cancel: Callable[[], bool] | None = None,
           extra_meta: dict | None = None, on_start: Callable | None = None) -> TrainResult:
@@ -184,8 +205,10 @@ def train(train_bags, val_bags, cfg: TrainConfig, checkpoint: str | Path | None 
     if checkpoint is not None:
         save_checkpoint(checkpoint, model, {**meta, "epoch": best_epoch, "val_loss": best_loss, "threshold": threshold,
                                             "val_metrics": metrics})
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    if device.type == "cuda":  # hand back CPU modules; _releases_gpu_memory frees the rest
+        model.cpu()
+        if mhim is not None:
+            mhim.teacher.cpu()
     return TrainResult(model, history, best_epoch, threshold, metrics, Path(checkpoint) if checkpoint else None, mhim)
 
 
