@@ -281,3 +281,63 @@ def test_retrain_bad_cohorts_and_cancel(viewer, qtbot, small_cohort, tmp_path):
     assert list((tmp_path / "features").rglob("*.h5"))  # what was extracted stays
     assert retrain.train_button.enabled and viewer.layers is not None
 
+
+
+def _process_deletions():
+    """Let Qt carry out the deletions napari posted (a closed dock, a closed window)."""
+    from qtpy.QtCore import QCoreApplication, QEvent
+    from qtpy.QtWidgets import QApplication
+
+    QApplication.processEvents()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    QApplication.processEvents()
+
+
+def test_closing_the_viewer_mid_extraction_stops_it_cleanly(viewer, qtbot, tiled, tmp_path):
+    features = dock(viewer, "Features")
+    features.workers.value = 0
+    features.batch_size.value = 2
+    features.out.value = str(tmp_path / "features")
+    features.extract()
+    qtbot.waitUntil(lambda: features.progress.value >= 4, timeout=60_000)  # a few batches are done
+    before = len(notifications())
+    viewer.close()
+    _process_deletions()
+    assert features.closed and not features._threads  # the extraction thread ended
+    assert features.state.features is None  # nothing delivered to the closed viewer
+    assert list((tmp_path / "features").rglob("*.partial.h5"))  # the resumable file stays
+    assert not [p for p in (tmp_path / "features").rglob("*.h5") if not p.name.endswith(".partial.h5")]
+    assert not [m for m in notifications()[before:] if "Error" in m]
+
+
+def test_closing_the_retrain_dock_mid_training_keeps_the_checkpoint(viewer, qtbot, small_cohort, tmp_path):
+    retrain = dock(viewer, "Retrain")
+    retrain.cohort.value = str(small_cohort)
+    retrain.checkpoint_dir.value = str(tmp_path / "models")
+    retrain.epochs.value = 500
+    retrain.train()
+    qtbot.waitUntil(lambda: len(retrain.loss_plot.series.get("train", [])) >= 1, timeout=180_000)
+    viewer.window.remove_dock_widget(retrain.native)
+    _process_deletions()
+    assert retrain.closed and not retrain._threads  # training stopped at its next bag
+    epochs_seen = len(retrain.loss_plot.series["train"])
+    qtbot.wait(300)
+    assert len(retrain.loss_plot.series["train"]) == epochs_seen < 500  # no update reached the closed dock
+    assert retrain.result is None and retrain.state.model is None
+    assert (tmp_path / "models" / "abmil_retrained.safetensors").exists()  # the last good checkpoint
+    assert retrain not in viewer.window.dock_widgets.values()
+
+
+def test_a_closed_compare_dock_lets_go_of_the_viewer(viewer):
+    from napari_mil._napari._compare_widget import CompareWidget
+    from napari_mil._napari._state import find_dock
+
+    compare = dock(viewer, "Compare teacher | student")
+    assert find_dock(viewer, CompareWidget) is compare
+    assert compare._on_mouse_move in viewer.mouse_move_callbacks
+    viewer.window.remove_dock_widget(compare.native)
+    _process_deletions()
+    assert compare.closed and find_dock(viewer, CompareWidget) is None  # Retrain opens a new one
+    assert compare._on_mouse_move not in viewer.mouse_move_callbacks
+    again = dock(viewer, "Compare teacher | student")
+    assert find_dock(viewer, CompareWidget) is again and not again.closed

@@ -290,6 +290,11 @@ class CompareWidget(DockBase):
         parts.append(", ".join(masked) if masked else "seen by the student")
         return " · ".join(parts)
 
+    def close_dock(self) -> None:
+        super().close_dock()
+        if self._on_mouse_move in self.viewer.mouse_move_callbacks:
+            self.viewer.mouse_move_callbacks.remove(self._on_mouse_move)
+
     def _on_mouse_move(self, viewer, event) -> None:
         from napari_mil._napari._layers import world_per_pixel
 

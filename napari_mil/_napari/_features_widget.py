@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from magicgui.widgets import ComboBox, FileEdit, Label, ProgressBar, PushButton, SpinBox
 
-from napari_mil._napari._widgets import DockBase, yield_reports
+from napari_mil._napari._widgets import DockBase
 from napari_mil.errors import NapariMilError
 
 if TYPE_CHECKING:
@@ -52,7 +51,6 @@ class FeaturesWidget(DockBase):
                      self.cancel_button, self.progress, self.speed, self.status])
         self.extract_button.clicked.connect(self.extract)
         self.cancel_button.clicked.connect(self.cancel)
-        self._cancel = threading.Event()
         self.native.setMaximumWidth(460)
 
     def extract(self):
@@ -75,9 +73,7 @@ class FeaturesWidget(DockBase):
         worker = create_worker(self._run, state.slide.path, state.grid, self.encoder.value, self.device.value,
                                int(self.batch_size.value), int(self.workers.value), Path(self.out.value),
                                state.slide.mpp, _ignore_errors=True)
-        worker.yielded.connect(self._on_progress)
-        worker.finished.connect(self._idle)
-        return self._start(worker, self._done)
+        return self._start(worker, self._done, on_update=self._on_progress, on_finished=self._idle)
 
     def _run(self, slide_path, grid, encoder_name, device, batch_size, workers, out, mpp):
         """Generator run by the worker: yields progress, returns the ExtractionResult."""
@@ -85,7 +81,7 @@ class FeaturesWidget(DockBase):
         from napari_mil.features.extract import extract_features
 
         encoder = create_encoder(encoder_name, device=device)
-        return (yield from yield_reports(lambda report: extract_features(
+        return (yield from self._reports(lambda report: extract_features(
             slide_path, grid, encoder, out, batch_size=batch_size, num_workers=workers, mpp=mpp, progress=report,
             cancel=self._cancel.is_set)))
 
@@ -109,7 +105,3 @@ class FeaturesWidget(DockBase):
         """Stop after the current batch; finished chunks stay on disk and resume next time."""
         self._cancel.set()
         self.status.value = "cancelling after the current batch..."
-
-    def stop_workers(self) -> None:
-        self._cancel.set()
-        super().stop_workers()

@@ -4,7 +4,6 @@ every epoch, so the user watches them diverge."""
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +21,7 @@ from magicgui.widgets import (
 )
 
 from napari_mil._napari._model_widget import MODEL_CHOICES
-from napari_mil._napari._widgets import DockBase, yield_reports
+from napari_mil._napari._widgets import DockBase
 from napari_mil.errors import NapariMilError
 
 if TYPE_CHECKING:
@@ -79,7 +78,6 @@ class RetrainWidget(DockBase):
         self.preset.changed.connect(self.apply_preset)
         self.train_button.clicked.connect(self.train)
         self.cancel_button.clicked.connect(self.cancel)
-        self._cancel = threading.Event()
         self.result = None
         self.apply_preset(self.preset.value)
         self.native.setMaximumWidth(460)
@@ -147,9 +145,7 @@ class RetrainWidget(DockBase):
         self.status.value = f"preparing the features of {len(slides)} slides..."
         worker = create_worker(self._run, slides, cfg, Path(self.features_root.value), Path(self.checkpoint_dir.value),
                                self._encoder_name(), _ignore_errors=True)
-        worker.yielded.connect(self._on_update)
-        worker.finished.connect(self._idle)
-        return self._start(worker, self._done)
+        return self._start(worker, self._done, on_update=self._on_update, on_finished=self._idle)
 
     def _encoder_name(self) -> str:
         return self.state.encoder or "hne_stats"
@@ -181,7 +177,7 @@ class RetrainWidget(DockBase):
                          on_epoch=on_epoch, cancel=self._cancel.is_set, extra_meta={"encoder": encoder_name},
                          on_start=lambda model, mhim: holder.update(model=model, mhim=mhim))
 
-        return (yield from yield_reports(run))
+        return (yield from self._reports(run))
 
     @staticmethod
     def _maps_now(holder: dict, bag, cfg):
@@ -256,7 +252,3 @@ class RetrainWidget(DockBase):
         """Stop at the next bag; the best checkpoint so far is kept."""
         self._cancel.set()
         self.status.value = "cancelling..."
-
-    def stop_workers(self) -> None:
-        self._cancel.set()
-        super().stop_workers()

@@ -44,5 +44,7 @@ def register_dock(viewer, dock) -> None:
 
 
 def find_dock(viewer, cls):
+    """The viewer's open dock of this class, or None (never one the user has closed)."""
     ref = _DOCKS.get(viewer, {}).get(cls)
-    return ref() if ref is not None else None
+    dock = ref() if ref is not None else None
+    return None if dock is None or getattr(dock, "closed", False) else dock

@@ -3,6 +3,9 @@ become notifications, and layers are added or updated by name."""
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +19,8 @@ from magicgui.widgets import (
     PushButton,
     SpinBox,
 )
+from qtpy.QtCore import QEvent, QObject
+from qtpy.QtWidgets import QDockWidget
 
 from napari_mil._napari._state import register_dock, state_for
 from napari_mil.errors import NapariMilError
@@ -43,71 +48,123 @@ def _user_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def yield_reports(target):
-    """Generator for a thread worker: runs ``target(report)`` in a thread of its own and yields
-    every value it passes to ``report`` (a core function's progress callback) as it comes; returns
-    ``target``'s result, or raises its error, at the end."""
-    import queue
-    import threading
+class _CloseWatcher(QObject):
+    """Calls ``on_close`` once the QDockWidget holding ``widget`` is destroyed: the user closed the
+    dock (napari deletes it) or its window (Qt deletes the window's children)."""
 
-    updates: queue.SimpleQueue = queue.SimpleQueue()
-    done, outcome = object(), {}
+    def __init__(self, widget, on_close):
+        super().__init__()
+        self._on_close, self._watched = on_close, set()
+        widget.installEventFilter(self)
 
-    def run():
-        try:
-            outcome["value"] = target(updates.put)
-        except BaseException as exc:  # noqa: BLE001  re-raised in the worker below
-            outcome["error"] = exc
-        updates.put(done)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    while (update := updates.get()) is not done:
-        yield update
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    def eventFilter(self, obj, event) -> bool:
+        if event.type() in (QEvent.Type.ParentChange, QEvent.Type.Show):  # docked, or shown in a dock
+            parent = obj.parentWidget()
+            while parent is not None and not isinstance(parent, QDockWidget):
+                parent = parent.parentWidget()
+            if parent is not None and id(parent) not in self._watched:
+                self._watched.add(id(parent))
+                parent.destroyed.connect(lambda *_: self._on_close())
+        return False
 
 
 class DockBase(Container):
     """What every dock shares: the viewer's state, a status line, and thread workers whose
-    results come back on the GUI thread and whose errors become notifications."""
+    results come back on the GUI thread and whose errors become notifications.
+
+    Long core functions run through ``_reports`` with ``self._cancel`` as their cooperative cancel.
+    Closing the dock or the viewer calls ``stop_workers``: the core function stops at its next
+    check (partial results are written by then: feature chunks, the last good checkpoint) and no
+    callback reaches the closed widgets afterwards."""
+
+    #: how long closing waits for a core function to reach its next cancel check
+    stop_wait_s = 30.0
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
         self.viewer = napari_viewer
         self.state = state_for(napari_viewer)
         self._workers: set = set()
+        self._threads: set[threading.Thread] = set()
+        self._cancel = threading.Event()
+        self.closed = False
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
+        self._close_watcher = _CloseWatcher(self.native, self.close_dock)
         register_dock(napari_viewer, self)
 
     def _say(self, message: str, error: bool = False) -> None:
         self.status.value = message
         (notify_error if error else notify_info)(message)
 
-    def _start(self, worker, on_done):
-        """Run a thread worker, routing its result to ``on_done`` and errors to a notification.
+    def _if_open(self, callback):
+        """``callback`` that does nothing once the dock is closed."""
+        return lambda *args: None if self.closed else callback(*args)
+
+    def _start(self, worker, on_done, on_update=None, on_finished=None):
+        """Run a thread worker, routing its result to ``on_done``, its yields to ``on_update``, its
+        end to ``on_finished`` and errors to a notification, none of them after the dock closed.
 
         Workers are created with ``_ignore_errors=True``: the errored handler here replaces
         napari's default re-raise in the main thread, which would bypass the notification.
         """
         self._workers.add(worker)
-        worker.returned.connect(on_done)
-        worker.errored.connect(lambda exc: self._say(_user_message(exc), error=True))
+        worker.returned.connect(self._if_open(on_done))
+        worker.errored.connect(self._if_open(lambda exc: self._say(_user_message(exc), error=True)))
+        if on_update is not None:
+            worker.yielded.connect(self._if_open(on_update))
+        if on_finished is not None:
+            worker.finished.connect(self._if_open(on_finished))
         worker.finished.connect(lambda: self._workers.discard(worker))
         worker.start()
         return worker
+
+    def _reports(self, target):
+        """Generator for a thread worker: runs ``target(report)`` in a thread of its own and yields
+        every value it passes to ``report`` (a core function's progress callback) as it comes;
+        returns ``target``'s result, or raises its error, at the end."""
+        updates: queue.SimpleQueue = queue.SimpleQueue()
+        done, outcome = object(), {}
+
+        def run():
+            try:
+                outcome["value"] = target(updates.put)
+            except BaseException as exc:  # noqa: BLE001  re-raised in the worker below
+                outcome["error"] = exc
+            finally:
+                updates.put(done)
+                self._threads.discard(threading.current_thread())
+
+        thread = threading.Thread(target=run, daemon=True)
+        self._threads.add(thread)
+        thread.start()
+        while (update := updates.get()) is not done:
+            yield update
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
     def is_running(self, worker) -> bool:
         """Whether a worker started by this dock has yet to deliver its result."""
         return worker in self._workers
 
-    def stop_workers(self) -> None:
-        """Ask running workers to stop."""
+    def stop_workers(self) -> bool:
+        """Cancel the running core functions and workers, and wait up to ``stop_wait_s`` for their
+        threads to end. Returns whether they all did."""
+        self._cancel.set()
         for worker in list(self._workers):
             worker.quit()
+        deadline = time.monotonic() + self.stop_wait_s
+        for thread in list(self._threads):
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in list(self._threads))
+
+    def close_dock(self) -> None:
+        """The dock or its viewer was closed: stop the work, deliver nothing more."""
+        if not self.closed:
+            self.closed = True
+            self.stop_workers()
 
 
 class SlideTissueWidget(DockBase):
