@@ -271,6 +271,7 @@ def cmd_predict(args) -> int:
     import torch
 
     from napari_mil.features.store import FeatureBag, feature_path
+    from napari_mil.heatmaps import bag_tensor
     from napari_mil.training.trainer import load_checkpoint
 
     out = Path(args.out)
@@ -286,7 +287,7 @@ def cmd_predict(args) -> int:
             if len(bag) == 0:
                 raise NapariMilError(f"{slide_id}: the bag is empty")
             with torch.no_grad():
-                result = model(torch.from_numpy(np.asarray(bag.features, np.float32))[None])
+                result = model(bag_tensor(bag.features))
             prob = float(torch.softmax(result.logits, 1)[0, -1])
             threshold = float(meta.get("threshold", 0.5))
             rows.append({"slide_id": slide_id, "probability": f"{prob:.6f}", "predicted": int(prob >= threshold),

@@ -143,6 +143,8 @@ def mhim_pair(viewer, qtbot, with_features, tmp_path):
 def test_compare_side_by_side(viewer, qtbot, mhim_pair, tmp_path):
     import numpy as np
 
+    from napari_mil._napari._compare_widget import MASK_NAMES
+
     state = mhim_pair
     compare = dock(viewer, "Compare teacher | student")
     compare.preset.value = "tcga_abmil"  # random-high, low and random masks all in play
@@ -155,7 +157,8 @@ def test_compare_side_by_side(viewer, qtbot, mhim_pair, tmp_path):
     assert all(not layer.visible for layer in list(viewer.layers)[12:])  # the rest is hidden meanwhile
     n = len(state.features)
     for kind, expected in (("high", int(0.1 * n)), ("low", int(0.2 * n))):
-        assert len(viewer.layers[f"student | {compare.layer_names('student')[3 + ['high', 'low', 'random'].index(kind)].split(' | ')[1]}"].data) == expected
+        frames = viewer.layers[f"student | {MASK_NAMES[kind]}"].data  # 8 x 8 pixels per patch, framed if masked
+        assert frames.reshape(frames.shape[0] // 8, 8, -1, 8).any(axis=(1, 3)).sum() == expected
     masked = student.masked["high"] | student.masked["low"] | student.masked["random"]
     assert masked.any() and np.all(student.values[masked] == 0) and student.values.sum() > 0.999
     assert viewer.layers["teacher | ground truth"].visible and viewer.layers["teacher | ground truth"].data.any()

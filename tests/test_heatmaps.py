@@ -32,6 +32,11 @@ def test_normalisations():
     assert uniform.normalised("minmax").tolist() == [0.5] * len(m)
     ties = AttentionMap(m.coords[:3], [0.25, 0.5, 0.25], 256)
     assert ties.ranks().tolist() == [2.5, 1, 2.5]
+    from scipy.stats import rankdata
+
+    many = np.random.default_rng(0).integers(0, 50, 1000).astype(float)  # many ties
+    big = AttentionMap(np.stack([np.arange(1000) * 256, np.zeros(1000)], 1), many, 256)
+    assert np.array_equal(big.ranks(), rankdata(-many)) and np.array_equal(big.ranks(True), rankdata(many))
     with pytest.raises(NapariMilError, match="unknown normalisation 'sqrt'"):
         m.normalised("sqrt")
 
@@ -69,6 +74,25 @@ def test_top_k_masks_and_bad_input():
         AttentionMap(np.zeros((0, 2)), [], 256)
     with pytest.raises(NapariMilError, match="does not fit"):
         _map(masked={"high": np.zeros(3, bool)})
+
+
+def test_mask_outlines_frame_exactly_the_masked_patches():
+    values = np.array([5, 1, 9, 3, 7, 2, 8, 4, 6, 10, 0.5])
+    m = _map(values, masked={"high": values >= 9})
+    frames = m.mask_outlines("high", cell=8)
+    assert frames.shape == (3 * 8, 4 * 8) and frames.dtype == np.uint8
+    scale, translate = m.placement(8)
+    for i, (x, y) in enumerate(m.coords):
+        # the patch's 8 x 8 block under napari's world -> data transform of its top-left pixel
+        r0 = int(np.floor((y - translate[0]) / scale[0] + 0.5))
+        c0 = int(np.floor((x - translate[1]) / scale[1] + 0.5))
+        block = frames[r0 : r0 + 8, c0 : c0 + 8]
+        assert block.shape == (8, 8)
+        if values[i] >= 9:  # a one-pixel frame, hollow inside
+            assert block[[0, -1]].all() and block[:, [0, -1]].all() and not block[1:-1, 1:-1].any()
+        else:
+            assert not block.any()
+    assert m.mask_outlines("low").sum() == 0
 
 
 def test_shared_limits_cover_both_maps():

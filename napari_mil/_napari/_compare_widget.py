@@ -146,19 +146,21 @@ class CompareWidget(DockBase):
     def layer_names(self, panel: str) -> list[str]:
         return [f"{panel} | {part}" for part in ("slide", "attention", "ground truth", *MASK_NAMES.values())]
 
-    def show_pair(self, maps) -> None:
-        """Put the two maps in two linked panels (napari's grid mode)."""
+    def show_pair(self, maps, announce: bool = True) -> None:
+        """Put the two maps in two linked panels (napari's grid mode); ``announce=False`` (the
+        Retrain dock's refresh after every epoch) updates the status line without a notification."""
         from napari_mil._napari._layers import slide_layer_data
 
         teacher, student = maps
         self.maps = {"teacher": teacher, "student": student}
         viewer, slide = self.viewer, self.state.slide
-        truth = ground_truth(slide)
+        truth = self._ground_truth()
         ours = {name for panel in PANELS for name in self.layer_names(panel)}
         if not self._hidden:
             self._hidden = [layer for layer in viewer.layers if layer.name not in ours and layer.visible]
         for layer in self._hidden:
-            layer.visible = False
+            if layer.visible:
+                layer.visible = False
         for panel, amap in self.maps.items():
             names = self.layer_names(panel)
             if names[0] not in viewer.layers:
@@ -170,51 +172,80 @@ class CompareWidget(DockBase):
             for kind, name in zip(MASK_KINDS, names[3:]):
                 self._show_mask(name, amap, kind)
         order = [viewer.layers.index(name) for panel in PANELS for name in self.layer_names(panel)]
-        viewer.layers.move_multiple(order, 0)
+        if order != list(range(len(order))):
+            viewer.layers.move_multiple(order, 0)
         grid = viewer.canvas.grid
-        grid.stride = len(self.layer_names("teacher"))
-        grid.shape = (1, 2)
-        grid.enabled = True
+        stride = len(self.layer_names("teacher"))
+        if not (grid.enabled and grid.stride == stride and tuple(grid.shape) == (1, 2)):
+            grid.stride = stride
+            grid.shape = (1, 2)
+            grid.enabled = True
         self.restyle()
         self.build_gallery()
         self.single_button.enabled = True
         kept = int((~(student.masked["high"] | student.masked["low"] | student.masked["random"])).sum())
         counts = ", ".join(f"{int(student.masked[k].sum())} {MASK_NAMES[k]}" for k in MASK_KINDS)
-        self._say(f"teacher | student over {len(student)} patches; the student sees {kept} ({counts})")
+        message = f"teacher | student over {len(student)} patches; the student sees {kept} ({counts})"
+        if announce:
+            self._say(message)
+        else:
+            self.status.value = message
 
     def _show_map_layer(self, name, amap) -> None:
-        from napari_mil._napari._layers import show_map
+        from napari_mil._napari._layers import map_placement, set_changed, show_map
 
+        if name in self.viewer.layers:  # restyle() sets its data
+            set_changed(self.viewer.layers[name], **map_placement(self.state.slide, amap))
+            self.viewer.layers[name].metadata["napari_mil_map"] = amap
+            return
         show_map(self.viewer, name, self.state.slide, amap, self.norm.value, colormap=self.colormap.value,
                  opacity=self.opacity.value)
 
-    def _show_truth(self, name, truth) -> None:
-        from napari_mil._napari._layers import world_per_pixel
+    def _ground_truth(self):
+        """The open slide's ground truth, read once per slide (the maps refresh every epoch)."""
+        path = self.state.slide.path
+        if getattr(self, "_truth_of", None) != path:
+            self._truth_of, self._truth = path, ground_truth(self.state.slide)
+        return self._truth
 
+    def _show_truth(self, name, truth) -> None:
+        from napari_mil._napari._layers import set_changed, world_per_pixel
+
+        path = self.state.slide.path
+        if name in self.viewer.layers and self.viewer.layers[name].metadata.get("napari_mil_truth_of") == path:
+            return  # already this slide's
         s = world_per_pixel(self.state.slide)
         mask, ds = truth if truth is not None else (np.zeros((1, 1), bool), 1)
-        kwargs = {"scale": (ds * s, ds * s), "translate": ((ds - 1) / 2 * s,) * 2, "opacity": 0.9}
+        kwargs = {"scale": (ds * s, ds * s), "translate": ((ds - 1) / 2 * s,) * 2}
         if name in self.viewer.layers:
             layer = self.viewer.layers[name]
             layer.data = mask.astype(np.uint8)
+            set_changed(layer, **kwargs)
         else:
-            layer = self.viewer.add_labels(mask.astype(np.uint8), name=name, **kwargs)
+            layer = self.viewer.add_labels(mask.astype(np.uint8), name=name, opacity=0.9, **kwargs)
             layer.contour = 2
         layer.visible = truth is not None
+        layer.metadata["napari_mil_truth_of"] = path
 
     def _show_mask(self, name, amap, kind) -> None:
-        from napari_mil._napari._layers import world_per_pixel
+        """The patches ``kind`` masked, as coloured frames: one labels image per mask, updated in place."""
+        from napari.utils.colormaps import DirectLabelColormap
 
-        s = world_per_pixel(self.state.slide)
-        flags = amap.masked.get(kind, np.zeros(len(amap), bool))
-        centres = (amap.coords[flags][:, ::-1] + amap.patch_size_level0 / 2 - 0.5) * s
+        from napari_mil._napari._layers import map_placement, set_changed
+        from napari_mil.heatmaps import OUTLINE_CELL
+
+        data = amap.mask_outlines(kind)
+        placement = map_placement(self.state.slide, amap, upsample=OUTLINE_CELL)
         if name in self.viewer.layers:
-            self.viewer.layers.remove(name)
-        layer = self.viewer.add_points(
-            centres.reshape(-1, 2), name=name, symbol="square", size=amap.patch_size_level0 * s * 0.9,
-            face_color="transparent", border_color=MASK_COLOURS[kind], border_width=0.12,
-            border_width_is_relative=True, visible=self.mask_toggles[kind].value)
-        layer.editable = False
+            layer = self.viewer.layers[name]
+            layer.data = data
+            set_changed(layer, **placement)
+        else:
+            colours = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: MASK_COLOURS[kind]})
+            layer = self.viewer.add_labels(data, name=name, colormap=colours, opacity=1.0,
+                                           visible=self.mask_toggles[kind].value, **placement)
+            layer.editable = False
+        layer.metadata["napari_mil_masked"] = int(amap.masked.get(kind, np.zeros(0, bool)).sum())
 
     def restyle(self) -> None:
         """Apply the normalisation and colour map to both maps with one shared colour bar."""
@@ -229,8 +260,10 @@ class CompareWidget(DockBase):
             if name in self.viewer.layers:
                 layer = self.viewer.layers[name]
                 layer.data = amap.image(how)
-                layer.contrast_limits = limits
-                layer.colormap = self.colormap.value
+                if tuple(layer.contrast_limits) != tuple(limits):
+                    layer.contrast_limits = limits
+                if layer.colormap.name != self.colormap.value:  # a new colour map means new shaders
+                    layer.colormap = self.colormap.value
                 layer.metadata["napari_mil_norm"] = how
         self._draw_colour_bar(limits)
 

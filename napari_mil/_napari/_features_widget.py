@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -81,9 +82,10 @@ class FeaturesWidget(DockBase):
         from napari_mil.features.extract import extract_features
 
         encoder = create_encoder(encoder_name, device=device)
-        return (yield from self._reports(lambda report: extract_features(
+        result = yield from self._reports(lambda report: extract_features(
             slide_path, grid, encoder, out, batch_size=batch_size, num_workers=workers, mpp=mpp, progress=report,
-            cancel=self._cancel.is_set)))
+            cancel=self._cancel.is_set))
+        return replace(result, bag=result.bag.widened())  # the open slide's bag is run many times
 
     def _on_progress(self, update) -> None:
         self.progress.value = update.done

@@ -93,11 +93,27 @@ def grid_layer_data(slide: Slide, grid: PatchGrid) -> tuple[np.ndarray, dict]:
     return centres, kwargs
 
 
-def map_placement(slide: Slide, amap) -> dict:
-    """scale/translate (world units) putting one map pixel over each patch's grid cell."""
+def map_placement(slide: Slide, amap, upsample: int = 1) -> dict:
+    """scale/translate (world units) putting one map pixel (``upsample`` x ``upsample`` pixels) over
+    each patch's grid cell."""
     s = world_per_pixel(slide)
-    (sy, sx), (ty, tx) = amap.placement()
+    (sy, sx), (ty, tx) = amap.placement(upsample)
     return {"scale": (sy * s, sx * s), "translate": (ty * s, tx * s)}
+
+
+def set_changed(layer, **values) -> None:
+    """Set the layer attributes whose value differs: napari redoes work (transforms, shaders,
+    thumbnails) on every assignment, and the maps are refreshed after every training epoch."""
+    for key, value in values.items():
+        current = getattr(layer, key)
+        if key == "colormap":
+            current, value = current.name, getattr(value, "name", value)
+        try:
+            same = np.array_equal(np.asarray(current, dtype=float), np.asarray(value, dtype=float))
+        except (TypeError, ValueError):
+            same = current == value
+        if not same:
+            setattr(layer, key, value)
 
 
 def show_map(viewer, name: str, slide: Slide, amap, how: str = "minmax", limits: tuple[float, float] | None = None,
@@ -112,8 +128,7 @@ def show_map(viewer, name: str, slide: Slide, amap, how: str = "minmax", limits:
     if name in viewer.layers:
         layer = viewer.layers[name]
         layer.data = data
-        for key, value in kwargs.items():
-            setattr(layer, key, value)
+        set_changed(layer, **kwargs)
     else:
         layer = viewer.add_image(data, name=name, **kwargs)
     layer.metadata["napari_mil_map"] = amap

@@ -215,7 +215,7 @@ class RetrainWidget(DockBase):
     def _show_maps(self, maps) -> None:
         compare = self._compare_dock()
         if compare is not None and self.state.slide is not None:
-            compare.show_pair(maps)
+            compare.show_pair(maps, announce=False)  # every epoch: no notification each time
 
     def _compare_dock(self):
         """The Compare dock of this viewer, opened if needed."""

@@ -52,6 +52,18 @@ class FeatureBag:
                 "extract features with the encoder the model was trained on"
             )
 
+    def widened(self) -> FeatureBag:
+        """The bag with float32 features (itself when they are): for a bag that models will run on
+        many times, as the viewer's open slide (every inference, comparison and training epoch),
+        float16 features from the store are widened once instead of at every run. Torch widens
+        100k x 1024 features in ~0.17 s on two cores, several times faster than numpy."""
+        if self.features.dtype == np.float32:
+            return self
+        import torch
+
+        features = torch.from_numpy(np.ascontiguousarray(self.features)).to(torch.float32).numpy()
+        return FeatureBag(features, self.coords, self.attrs, self.skipped_coords)
+
     def save(self, path: str | os.PathLike, dtype=np.float32) -> Path:
         """Write atomically: a temporary file in the same folder renamed into place."""
         import h5py

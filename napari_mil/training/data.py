@@ -87,7 +87,7 @@ def load_bags(records: list[SlideRecord], features_root: str | Path, encoder: st
         bag = FeatureBag.load(feature_path(features_root, encoder, r.slide_id))
         if len(bag) == 0:
             raise CohortError(f"{r.slide_id}: the bag is empty (no patch was extracted)")
-        features = np.asarray(bag.features, np.float32)
+        features = bag.widened().features
         if not np.isfinite(features).all():
             bad = int((~np.isfinite(features)).any(axis=1).sum())
             raise CohortError(f"{r.slide_id}: {bad} patches have NaN or infinite features; re-extract this slide")
