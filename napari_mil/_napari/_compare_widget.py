@@ -228,8 +228,10 @@ class CompareWidget(DockBase):
         layer.metadata["napari_mil_truth_of"] = path
 
     def _show_mask(self, name, amap, kind) -> None:
-        """The patches ``kind`` masked, as coloured frames: one labels image per mask, updated in place."""
-        from napari.utils.colormaps import DirectLabelColormap
+        """The patches ``kind`` masked, as coloured frames: one image per mask (transparent where 0),
+        updated in place. An image layer, not a labels layer: napari makes one five times faster."""
+        from napari.utils.colormaps import Colormap
+        from napari.utils.colormaps.standardize_color import transform_color
 
         from napari_mil._napari._layers import map_placement, set_changed
         from napari_mil.heatmaps import OUTLINE_CELL
@@ -241,10 +243,11 @@ class CompareWidget(DockBase):
             layer.data = data
             set_changed(layer, **placement)
         else:
-            colours = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: MASK_COLOURS[kind]})
-            layer = self.viewer.add_labels(data, name=name, colormap=colours, opacity=1.0,
-                                           visible=self.mask_toggles[kind].value, **placement)
-            layer.editable = False
+            colours = Colormap([[0, 0, 0, 0], transform_color(MASK_COLOURS[kind])[0]], name=f"napari-mil {kind} mask",
+                               interpolation="zero")
+            layer = self.viewer.add_image(data, name=name, colormap=colours, contrast_limits=(0, 1), opacity=1.0,
+                                          blending="translucent", interpolation2d="nearest",
+                                          visible=self.mask_toggles[kind].value, **placement)
         layer.metadata["napari_mil_masked"] = int(amap.masked.get(kind, np.zeros(0, bool)).sum())
 
     def restyle(self) -> None:
