@@ -368,3 +368,25 @@ def test_cli_extract_writes_features_and_a_manifest(tmp_path, cmu1_path):
     assert second.returncode == 0 and "cached" in second.stdout
     bad = subprocess.run(cmd[:-4] + ["--out", str(tmp_path), "--encoder", "uni_v3"], capture_output=True, text=True)
     assert bad.returncode == 2 and "known encoders" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_reading_workers_start_from_a_fork_server_beside_other_threads(tmp_path, synthetic_slide, synthetic_grid, hne):
+    """In the viewer other threads read the slide; forking then could copy a held OpenSlide lock into
+    the reading worker. With another thread alive the workers come from a fork server, and the
+    features are those of an in-process run."""
+    import threading
+
+    from napari_mil.features.extract import reader_context
+
+    assert reader_context(0) is None
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    try:
+        assert reader_context(1).get_start_method() == "forkserver"
+        beside = extract_features(synthetic_slide.path, synthetic_grid, hne, tmp_path / "a", num_workers=1, batch_size=16)
+    finally:
+        stop.set()
+        other.join()
+    alone = extract_features(synthetic_slide.path, synthetic_grid, hne, tmp_path / "b", num_workers=0, batch_size=16)
+    np.testing.assert_array_equal(beside.bag.features, alone.bag.features)

@@ -344,3 +344,24 @@ def test_a_closed_compare_dock_lets_go_of_the_viewer(viewer):
     assert compare._on_mouse_move not in viewer.mouse_move_callbacks
     again = dock(viewer, "Compare teacher | student")
     assert find_dock(viewer, CompareWidget) is again and not again.closed
+
+
+def test_after_runs_for_a_worker_that_already_finished(viewer, qtbot, tiled):
+    """The teaching demo chains steps with after(): a worker that ends before the next step
+    listens (a 28-patch tiling takes milliseconds) must still hand on, and its error with it."""
+    worker = tiled.tile()
+    qtbot.waitUntil(lambda: not tiled.is_running(worker), timeout=60_000)  # finished and handled
+    seen = []
+    tiled.after(worker, seen.append)
+    qtbot.waitUntil(lambda: seen == [None], timeout=5_000)
+
+    from napari.qt.threading import create_worker
+
+    def broken():
+        raise ValueError("disk full")
+
+    errored = tiled._start(create_worker(broken, _ignore_errors=True), lambda _: None)
+    qtbot.waitUntil(lambda: not tiled.is_running(errored), timeout=5_000)
+    tiled.after(errored, seen.append)
+    qtbot.waitUntil(lambda: len(seen) == 2, timeout=5_000)
+    assert isinstance(seen[1], ValueError) and "disk full" in str(seen[1])

@@ -90,9 +90,7 @@ class TeachingDemo:
         if worker is None:
             self.fail(dock.status.value)
             return
-        errors: list = []
-        worker.errored.connect(errors.append)
-        worker.finished.connect(lambda: self.fail(str(errors[0])) if errors else step())
+        dock.after(worker, lambda error: self.fail(str(error)) if error is not None else step())
 
     def fail(self, message: str) -> None:
         self.error, self.done = message or "a step did not start", True

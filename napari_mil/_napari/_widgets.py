@@ -85,6 +85,8 @@ class DockBase(Container):
         self.viewer = napari_viewer
         self.state = state_for(napari_viewer)
         self._workers: set = set()
+        self._after: dict = {}  # worker -> callbacks for its end (see after())
+        self._errors: dict = {}  # worker -> its error, until its end is handled
         self._threads: set[threading.Thread] = set()
         self._cancel = threading.Event()
         self.closed = False
@@ -110,14 +112,35 @@ class DockBase(Container):
         """
         self._workers.add(worker)
         worker.returned.connect(self._if_open(on_done))
+        worker.errored.connect(lambda exc: self._errors.__setitem__(worker, exc))
         worker.errored.connect(self._if_open(lambda exc: self._say(_user_message(exc), error=True)))
         if on_update is not None:
             worker.yielded.connect(self._if_open(on_update))
         if on_finished is not None:
             worker.finished.connect(self._if_open(on_finished))
-        worker.finished.connect(lambda: self._workers.discard(worker))
+        worker.finished.connect(lambda: self._finish(worker))
         worker.start()
         return worker
+
+    def _finish(self, worker) -> None:
+        self._workers.discard(worker)
+        callbacks = self._after.pop(worker, [])
+        if callbacks:  # otherwise the error waits for an after() that comes late
+            error = self._errors.pop(worker, None)
+            for callback in callbacks:
+                callback(error)
+
+    def after(self, worker, callback) -> None:
+        """Call ``callback(error or None)`` once ``worker`` has finished and this dock has handled
+        its result. Safe however fast the worker is: connecting to its ``finished`` signal after
+        ``_start`` misses a worker that finished in between (a queued signal is not replayed)."""
+        if worker in self._workers:
+            self._after.setdefault(worker, []).append(callback)
+        else:
+            from qtpy.QtCore import QTimer
+
+            error = self._errors.pop(worker, None)
+            QTimer.singleShot(0, lambda: callback(error))
 
     def _reports(self, target):
         """Generator for a thread worker: runs ``target(report)`` in a thread of its own and yields

@@ -111,6 +111,22 @@ class _BackOff:
                 warnings.warn(f"GPU out of memory: batch size halved to {self.size}", stacklevel=2)
 
 
+def reader_context(num_workers: int):
+    """How the reading workers start. Forking copies every lock of the parent in the state its
+    other threads hold it: in the viewer, where napari reads slide tiles on the GUI thread, a
+    worker forked while OpenSlide held a lock waits for it forever. A process with other threads
+    therefore starts its workers from a fork server, a clean single-threaded process that has
+    imported this module once (so a worker starts in a fraction of a second, not the seconds a
+    fresh interpreter takes to import torch). A single-threaded process (the CLI) forks."""
+    import multiprocessing
+    import threading
+
+    if not num_workers or threading.active_count() == 1 or "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    multiprocessing.set_forkserver_preload([__name__])  # no effect once the server runs
+    return multiprocessing.get_context("forkserver")
+
+
 def extract_features(
     slide_path: str | os.PathLike,
     grid: PatchGrid,
@@ -169,6 +185,7 @@ def extract_features(
             batch_size=batch_size, shuffle=False,
             num_workers=num_workers, pin_memory=device.type == "cuda",
             prefetch_factor=4 if num_workers else None, persistent_workers=False,
+            multiprocessing_context=reader_context(num_workers),
         )
         encode = _BackOff(batch_size)
         buffers: dict[int, list] = {}
