@@ -248,10 +248,10 @@ class CompareWidget(DockBase):
             layer = self.viewer.add_image(data, name=name, colormap=colours, contrast_limits=(0, 1), opacity=1.0,
                                           blending="translucent", interpolation2d="nearest",
                                           visible=self.mask_toggles[kind].value, **placement)
-        layer.metadata["napari_mil_masked"] = int(amap.masked.get(kind, np.zeros(0, bool)).sum())
 
     def restyle(self) -> None:
         """Apply the normalisation and colour map to both maps with one shared colour bar."""
+        from napari_mil._napari._layers import set_changed
         from napari_mil.heatmaps import shared_limits
 
         if not self.maps:
@@ -263,10 +263,7 @@ class CompareWidget(DockBase):
             if name in self.viewer.layers:
                 layer = self.viewer.layers[name]
                 layer.data = amap.image(how)
-                if tuple(layer.contrast_limits) != tuple(limits):
-                    layer.contrast_limits = limits
-                if layer.colormap.name != self.colormap.value:  # a new colour map means new shaders
-                    layer.colormap = self.colormap.value
+                set_changed(layer, contrast_limits=limits, colormap=self.colormap.value)
                 layer.metadata["napari_mil_norm"] = how
         self._draw_colour_bar(limits)
 

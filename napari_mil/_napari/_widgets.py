@@ -19,7 +19,7 @@ from magicgui.widgets import (
     PushButton,
     SpinBox,
 )
-from qtpy.QtCore import QEvent, QObject
+from qtpy.QtCore import QEvent, QObject, QTimer
 from qtpy.QtWidgets import QDockWidget
 
 from napari_mil._napari._state import register_dock, state_for
@@ -137,8 +137,6 @@ class DockBase(Container):
         if worker in self._workers:
             self._after.setdefault(worker, []).append(callback)
         else:
-            from qtpy.QtCore import QTimer
-
             error = self._errors.pop(worker, None)
             QTimer.singleShot(0, lambda: callback(error))
 

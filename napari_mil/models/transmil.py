@@ -97,7 +97,7 @@ def _landmark_attention(q, k, q_l, k_l) -> tuple[torch.Tensor, torch.Tensor]:
 def _recomputed_attention(q, k, v, q_l, k_l, attn2_inv, query: int) -> tuple[torch.Tensor, torch.Tensor]:
     """NystromAttention's output and attention row for long sequences in training: the same numbers,
     but no (Np, m) matrix is kept for the backward pass, which recomputes them a quarter of the heads
-    at a time (memory of a 100k-instance bag: 6.0 instead of 10.6 GiB). The row has its own
+    at a time (memory of a 100k-instance bag: 6.2 instead of 10.6 GiB). The row has its own
     recomputation, so a backward pass that does not reach it does not hold its matrices."""
 
     def attend(q, k, v, q_l, k_l, attn2_inv):
