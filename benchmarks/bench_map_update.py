@@ -53,12 +53,13 @@ NORMS = ["rank", "log", "raw", "minmax"]  # each switch changes the normalisatio
 
 
 def wait_for(dock, worker) -> None:
-    """Run the Qt event loop (idle between events, as in napari) until the dock has the worker's result."""
+    """Run the Qt event loop (idle between events, as in napari) until the dock has shown the worker's
+    result (the comparison's first showing builds its layers over several turns)."""
     from qtpy.QtCore import QEventLoop
 
     assert worker is not None, dock.status.value
     loop = QEventLoop()
-    worker.finished.connect(loop.quit)
+    dock.after(worker, lambda _error: loop.quit())
     if dock.is_running(worker):
         loop.exec_()
 

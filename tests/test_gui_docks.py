@@ -143,7 +143,7 @@ def mhim_pair(viewer, qtbot, with_features, tmp_path):
 def test_compare_side_by_side(viewer, qtbot, mhim_pair, tmp_path):
     import numpy as np
 
-    from napari_mil._napari._compare_widget import MASK_NAMES
+    from napari_mil._napari._compare_widget import MASK_NAMES, ground_truth
 
     state = mhim_pair
     compare = dock(viewer, "Compare teacher | student")
@@ -161,7 +161,9 @@ def test_compare_side_by_side(viewer, qtbot, mhim_pair, tmp_path):
         assert frames.reshape(frames.shape[0] // 8, 8, -1, 8).any(axis=(1, 3)).sum() == expected
     masked = student.masked["high"] | student.masked["low"] | student.masked["random"]
     assert masked.any() and np.all(student.values[masked] == 0) and student.values.sum() > 0.999
-    assert viewer.layers["teacher | ground truth"].visible and viewer.layers["teacher | ground truth"].data.any()
+    truth = viewer.layers["teacher | ground truth"]
+    tumour, _ = ground_truth(state.slide)
+    assert truth.visible and 0 < truth.data.sum() < (tumour > 0).sum()  # the tumour's outline, not its area
 
     # normalisations share one colour range
     for how in ("raw", "rank", "log", "minmax"):
@@ -210,6 +212,16 @@ def test_compare_side_by_side(viewer, qtbot, mhim_pair, tmp_path):
     assert not grid.enabled and "teacher | attention" not in viewer.layers
     assert viewer.layers[state.slide.name].visible
 
+    # shown again, a layer per event-loop turn; a pair arriving meanwhile is the one shown at the end
+    compare.show_pair((teacher, student))
+    assert compare.busy and "student | attention" not in viewer.layers
+    compare.show_pair((student, teacher), announce=False)
+    qtbot.waitUntil(lambda: not compare.busy, timeout=60_000)
+    assert viewer.layers["student | attention"].metadata["napari_mil_map"] is teacher
+    assert viewer.layers["teacher | attention"].metadata["napari_mil_map"] is student
+    assert [layer.name for layer in viewer.layers][:12] == compare.layer_names("teacher") + compare.layer_names("student")
+    compare.single_view()
+
 
 def test_compare_says_what_is_missing(viewer, qtbot, with_features):
     compare = dock(viewer, "Compare teacher | student")
@@ -254,7 +266,13 @@ def test_retrain_with_mhim_live_curves_and_maps(viewer, qtbot, small_cohort, tmp
     assert (tmp_path / "models" / "abmil_retrained_teacher.safetensors").exists()
     state = retrain.state
     assert state.teacher is not None and state.model_meta["encoder"] == "hne_stats"
-    assert viewer.canvas.grid.enabled and "student | attention" in viewer.layers  # the maps came live
+    from napari_mil._napari._compare_widget import CompareWidget
+    from napari_mil._napari._state import find_dock
+
+    compare = find_dock(viewer, CompareWidget)  # opened by the first epoch's maps
+    assert compare is not None and compare.maps
+    qtbot.waitUntil(lambda: not compare.busy, timeout=60_000)  # the final comparison, built a layer per turn
+    assert viewer.canvas.grid.enabled and "student | attention" in viewer.layers
     student = viewer.layers["student | attention"].metadata["napari_mil_map"]
     assert student.masked["low"].sum() == int(0.2 * len(student)) and np.isfinite(student.values).all()
 
@@ -365,3 +383,38 @@ def test_after_runs_for_a_worker_that_already_finished(viewer, qtbot, tiled):
     tiled.after(errored, seen.append)
     qtbot.waitUntil(lambda: len(seen) == 2, timeout=5_000)
     assert isinstance(seen[1], ValueError) and "disk full" in str(seen[1])
+
+
+def test_gui_steps_take_one_event_loop_turn_each(viewer, qtbot, tiled):
+    """Long GUI work (the comparison's twelve layers) runs a step per turn: the loop handles other
+    events between steps, a worker's end waits for the steps its result started, and a failing step
+    becomes a notification that drops the rest."""
+    from napari.qt.threading import create_worker
+    from qtpy.QtCore import QTimer
+
+    seen = []
+
+    def first():
+        seen.append("first")
+        QTimer.singleShot(0, lambda: seen.append("the loop ran"))
+
+    worker = tiled._start(create_worker(lambda: 1, _ignore_errors=True),
+                          lambda _: tiled._in_turns([first, lambda: seen.append("second")]))
+    tiled.after(worker, lambda error: seen.append(("after", error)))
+    qtbot.waitUntil(lambda: len(seen) == 4, timeout=10_000)
+    assert seen == ["first", "the loop ran", "second", ("after", None)]
+    assert not tiled.busy
+
+    def broken():
+        raise ValueError("no such layer")
+
+    tiled._in_turns([broken, lambda: seen.append("never")])
+    assert tiled.busy
+    qtbot.waitUntil(lambda: not tiled.busy, timeout=10_000)
+    assert "never" not in seen and "no such layer" in tiled.status.value
+    assert any("no such layer" in m for m in notifications())
+
+    tiled._in_turns([lambda: seen.append("never either")])
+    tiled.close_dock()  # its viewer closed: what is left is dropped
+    qtbot.wait(100)
+    assert "never either" not in seen and not tiled.busy

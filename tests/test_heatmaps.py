@@ -234,3 +234,14 @@ def test_cli_export(cmu1_path, tmp_path, capsys):
     assert main(["export", str(plain), "--out", str(tmp_path / "o3"), "--formats", "topk"]) == 2
     assert "give --slide" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nothing.h5"), "--out", str(tmp_path / "o4")]) == 1
+
+
+def test_outline_is_the_inner_border():
+    from napari_mil._napari._layers import outline
+
+    mask = np.zeros((9, 9), bool)
+    mask[2:7, 2:7] = True
+    edge = outline(mask)
+    assert edge.dtype == np.uint8 and edge.sum() == 16  # the 5 x 5 square's rim
+    assert not edge[3:6, 3:6].any() and edge[2, 2:7].all() and not (edge.astype(bool) & ~mask).any()
+    assert outline(np.ones((3, 3), bool)).sum() == 8  # the image border counts as outside

@@ -2,8 +2,8 @@
 
 The two maps sit in napari's grid mode, one viewbox each with one shared camera, so they pan
 and zoom together. Each panel holds the same six layers, bottom to top: the slide, the map,
-the ground truth outline (when the slide has one), and the random-high, low and random masks
-as patch outlines. Other layers are hidden while the comparison is shown and come back after.
+the ground truth's tumour outline (when the slide has one), and the random-high, low and random
+masks as patch outlines. Other layers are hidden while the comparison is shown and come back after.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 PANELS = ("teacher", "student")
 MASK_COLOURS = {"high": "#ff2d95", "low": "#2f9bff", "random": "#c8c8c8"}
+TRUTH_COLOUR = "#39ff14"  # the tumour outline
 MASK_NAMES = {"high": "masked random-high", "low": "masked low", "random": "masked random"}
 NORM_LABELS = [("raw softmax", "raw"), ("min-max", "minmax"), ("percentile rank", "rank"), ("log (× uniform)", "log")]
 
@@ -80,6 +81,8 @@ class CompareWidget(DockBase):
                      self.colour_bar, self.hover, self.k, self.gallery, self.export_folder, export_row, self.status])
         self.hover.native.setWordWrap(True)
         self.maps: dict = {}  # panel -> AttentionMap
+        self._drawing: dict = {}  # the maps the GUI steps under way show
+        self._announce = False  # whether the pair under way ends with a notification
         self._hidden: list = []  # layers hidden while comparing
         self.show_button.clicked.connect(self.compare)
         self.single_button.clicked.connect(self.single_view)
@@ -147,59 +150,104 @@ class CompareWidget(DockBase):
         return [f"{panel} | {part}" for part in ("slide", "attention", "ground truth", *MASK_NAMES.values())]
 
     def show_pair(self, maps, announce: bool = True) -> None:
-        """Put the two maps in two linked panels (napari's grid mode); ``announce=False`` (the
-        Retrain dock's refresh after every epoch) updates the status line without a notification."""
-        from napari_mil._napari._layers import slide_layer_data
-
+        """Put the two maps in two linked panels (napari's grid mode), creating the layers the first
+        time and updating them in place after. The work is spread over event-loop turns, one layer a
+        turn (napari takes 0.1-0.4 s to create a layer and ~20 ms to refresh one under software
+        OpenGL), so the viewer stays responsive while the panels fill in; a pair that arrives
+        meanwhile (the Retrain dock sends one every epoch) is shown once these turns end.
+        ``announce=False`` (the Retrain dock's refreshes) updates the status line without a notification."""
         teacher, student = maps
         self.maps = {"teacher": teacher, "student": student}
-        viewer, slide = self.viewer, self.state.slide
-        truth = self._ground_truth()
+        if self.stepping:
+            self._announce = self._announce or announce
+            return
+        self._announce = announce
+        self._in_turns(self._pair_steps())
+
+    def _pair_steps(self) -> list:
+        """The GUI steps that show ``self.maps``: the grid, then one layer a step, then the colours."""
+        self._drawing = self.maps
+        layers = self.viewer.layers
+        if any(name not in layers for panel in PANELS for name in self.layer_names(panel)):
+            self.status.value = "drawing teacher | student..."
+        todo = [(panel, part) for panel in PANELS for part, name in enumerate(self.layer_names(panel))
+                if part > 0 or name not in layers]  # an existing slide layer has nothing to update
+        return [self._enter_grid, *(lambda p=panel, k=part: self._put_layer(p, k) for panel, part in todo),
+                self.restyle, self._pair_shown]
+
+    def _enter_grid(self) -> None:
+        """Hide the other layers (they come back with "Back to one view") and switch to the grid."""
+        viewer = self.viewer
         ours = {name for panel in PANELS for name in self.layer_names(panel)}
         if not self._hidden:
             self._hidden = [layer for layer in viewer.layers if layer.name not in ours and layer.visible]
         for layer in self._hidden:
             if layer.visible:
                 layer.visible = False
-        for panel, amap in self.maps.items():
-            names = self.layer_names(panel)
-            if names[0] not in viewer.layers:
-                data, kwargs, _ = slide_layer_data(slide)
-                kwargs.pop("name")
-                viewer.add_image(data, name=names[0], **kwargs)
-            self._show_map_layer(names[1], amap)
-            self._show_truth(names[2], truth)
-            for kind, name in zip(MASK_KINDS, names[3:]):
-                self._show_mask(name, amap, kind)
-        order = [viewer.layers.index(name) for panel in PANELS for name in self.layer_names(panel)]
-        if order != list(range(len(order))):
-            viewer.layers.move_multiple(order, 0)
         grid = viewer.canvas.grid
         stride = len(self.layer_names("teacher"))
         if not (grid.enabled and grid.stride == stride and tuple(grid.shape) == (1, 2)):
             grid.stride = stride
             grid.shape = (1, 2)
             grid.enabled = True
-        self.restyle()
+
+    def _pair_shown(self) -> None:
+        """The last step: layer order, gallery, the summary; and the newest pair if one came meanwhile."""
+        viewer = self.viewer
+        order = [viewer.layers.index(name) for panel in PANELS for name in self.layer_names(panel)]
+        if order != list(range(len(order))):
+            viewer.layers.move_multiple(order, 0)
         self.build_gallery()
         self.single_button.enabled = True
+        student = self.maps["student"]
         kept = int((~(student.masked["high"] | student.masked["low"] | student.masked["random"])).sum())
         counts = ", ".join(f"{int(student.masked[k].sum())} {MASK_NAMES[k]}" for k in MASK_KINDS)
         message = f"teacher | student over {len(student)} patches; the student sees {kept} ({counts})"
-        if announce:
+        if self._announce:
             self._say(message)
         else:
             self.status.value = message
+        self._announce = False
+        if self.maps is not self._drawing:
+            self._in_turns(self._pair_steps())
 
-    def _show_map_layer(self, name, amap) -> None:
-        from napari_mil._napari._layers import map_placement, set_changed, show_map
+    def _put_layer(self, panel: str, part: int) -> None:
+        """Create or update one layer of a panel: 0 the slide, 1 the map, 2 the ground truth, 3-5 the masks."""
+        from napari_mil._napari._layers import slide_layer_data
+
+        name, amap = self.layer_names(panel)[part], self.maps[panel]
+        if part == 0:
+            if name not in self.viewer.layers:
+                from napari.layers import Image
+
+                data, kwargs, _ = slide_layer_data(self.state.slide)
+                kwargs["name"] = name
+                self._insert(panel, part, Image(data, **kwargs))
+        elif part == 1:
+            self._put_map(panel, name, amap)
+        elif part == 2:
+            self._put_truth(panel, name)
+        else:
+            self._put_mask(panel, name, amap, MASK_KINDS[part - 3])
+
+    def _insert(self, panel: str, part: int, layer) -> None:
+        """Insert a new layer at its place in the grid (its panel, its depth)."""
+        layers = self.viewer.layers
+        layers.insert(min(PANELS.index(panel) * len(self.layer_names(panel)) + part, len(layers)), layer)
+
+    def _put_map(self, panel: str, name: str, amap) -> None:
+        from napari_mil._napari._layers import map_layer_kwargs, map_placement, set_changed
 
         if name in self.viewer.layers:  # restyle() sets its data
             set_changed(self.viewer.layers[name], **map_placement(self.state.slide, amap))
             self.viewer.layers[name].metadata["napari_mil_map"] = amap
             return
-        show_map(self.viewer, name, self.state.slide, amap, self.norm.value, colormap=self.colormap.value,
-                 opacity=self.opacity.value)
+        from napari.layers import Image
+
+        how = self.norm.value
+        kwargs = map_layer_kwargs(self.state.slide, amap, how, colormap=self.colormap.value, opacity=self.opacity.value)
+        layer = Image(amap.image(how), name=name, metadata={"napari_mil_map": amap, "napari_mil_norm": how}, **kwargs)
+        self._insert(panel, 1, layer)
 
     def _ground_truth(self):
         """The open slide's ground truth, read once per slide (the maps refresh every epoch)."""
@@ -208,46 +256,42 @@ class CompareWidget(DockBase):
             self._truth_of, self._truth = path, ground_truth(self.state.slide)
         return self._truth
 
-    def _show_truth(self, name, truth) -> None:
-        from napari_mil._napari._layers import set_changed, world_per_pixel
+    def _put_truth(self, panel: str, name: str) -> None:
+        """The tumour outline, one pixel of the ground-truth mask wide, hidden for slides without one."""
+        from napari_mil._napari._layers import frame_layer, outline, set_changed, world_per_pixel
 
         path = self.state.slide.path
         if name in self.viewer.layers and self.viewer.layers[name].metadata.get("napari_mil_truth_of") == path:
             return  # already this slide's
+        truth = self._ground_truth()
         s = world_per_pixel(self.state.slide)
         mask, ds = truth if truth is not None else (np.zeros((1, 1), bool), 1)
         kwargs = {"scale": (ds * s, ds * s), "translate": ((ds - 1) / 2 * s,) * 2}
         if name in self.viewer.layers:
             layer = self.viewer.layers[name]
-            layer.data = mask.astype(np.uint8)
+            layer.data = outline(mask)
             set_changed(layer, **kwargs)
         else:
-            layer = self.viewer.add_labels(mask.astype(np.uint8), name=name, opacity=0.9, **kwargs)
-            layer.contour = 2
+            layer = frame_layer(outline(mask), name, TRUTH_COLOUR, **kwargs)
+            self._insert(panel, 2, layer)
         layer.visible = truth is not None
         layer.metadata["napari_mil_truth_of"] = path
 
-    def _show_mask(self, name, amap, kind) -> None:
-        """The patches ``kind`` masked, as coloured frames: one image per mask (transparent where 0),
-        updated in place. An image layer, not a labels layer: napari makes one five times faster."""
-        from napari.utils.colormaps import Colormap
-        from napari.utils.colormaps.standardize_color import transform_color
-
-        from napari_mil._napari._layers import map_placement, set_changed
+    def _put_mask(self, panel: str, name: str, amap, kind: str) -> None:
+        """The patches ``kind`` masked, as coloured frames: one image per mask, updated in place."""
+        from napari_mil._napari._layers import frame_layer, map_placement, set_changed
         from napari_mil.heatmaps import OUTLINE_CELL
 
         data = amap.mask_outlines(kind)
         placement = map_placement(self.state.slide, amap, upsample=OUTLINE_CELL)
         if name in self.viewer.layers:
             layer = self.viewer.layers[name]
-            layer.data = data
+            if not np.array_equal(layer.data, data):  # a data change costs napari ~20 ms a layer
+                layer.data = data
             set_changed(layer, **placement)
         else:
-            colours = Colormap([[0, 0, 0, 0], transform_color(MASK_COLOURS[kind])[0]], name=f"napari-mil {kind} mask",
-                               interpolation="zero")
-            layer = self.viewer.add_image(data, name=name, colormap=colours, contrast_limits=(0, 1), opacity=1.0,
-                                          blending="translucent", interpolation2d="nearest",
-                                          visible=self.mask_toggles[kind].value, **placement)
+            layer = frame_layer(data, name, MASK_COLOURS[kind], visible=self.mask_toggles[kind].value, **placement)
+            self._insert(panel, 3 + MASK_KINDS.index(kind), layer)
 
     def restyle(self) -> None:
         """Apply the normalisation and colour map to both maps with one shared colour bar."""
@@ -293,6 +337,7 @@ class CompareWidget(DockBase):
 
     def single_view(self) -> None:
         """Leave the comparison: its layers go, the hidden ones come back."""
+        self._steps.clear()  # a comparison still being built stops there
         self.viewer.canvas.grid.enabled = False
         for panel in PANELS:
             for name in self.layer_names(panel):

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from magicgui.widgets import ComboBox, FileEdit, Label, ProgressBar, PushButton, SpinBox
 
-from napari_mil._napari._widgets import DockBase
+from napari_mil._napari._widgets import DockBase, set_progress
 from napari_mil.errors import NapariMilError
 
 if TYPE_CHECKING:
@@ -88,7 +88,7 @@ class FeaturesWidget(DockBase):
         return replace(result, bag=result.bag.widened())  # the open slide's bag is run many times
 
     def _on_progress(self, update) -> None:
-        self.progress.value = update.done
+        set_progress(self.progress, update.done)
         self.speed.value = f"{update.tiles_per_s:.0f} tiles/s, about {update.eta_s:.0f} s left"
 
     def _idle(self) -> None:
@@ -97,7 +97,7 @@ class FeaturesWidget(DockBase):
     def _done(self, result) -> None:
         self.state.encoder = result.bag.encoder or self.encoder.value
         self.state.features = result.bag
-        self.progress.value = self.progress.max
+        set_progress(self.progress, self.progress.max)
         how = "loaded from the cache" if result.cached else f"extracted at {result.tiles_per_s:.0f} tiles/s"
         skipped = f", {result.skipped} unreadable patches skipped" if result.skipped else ""
         self._say(f"{len(result.bag)} features of {result.bag.dim} dimensions {how} in {result.seconds:.1f} s"

@@ -116,15 +116,20 @@ def set_changed(layer, **values) -> None:
             setattr(layer, key, value)
 
 
+def map_layer_kwargs(slide: Slide, amap, how: str = "minmax", limits: tuple[float, float] | None = None,
+                     colormap: str = "inferno", opacity: float = 0.6) -> dict:
+    """Keyword arguments of an attention map's image layer (its data is ``amap.image(how)``)."""
+    from napari_mil.heatmaps import shared_limits
+
+    return {**map_placement(slide, amap), "colormap": colormap, "contrast_limits": limits or shared_limits([amap], how),
+            "opacity": opacity, "blending": "translucent"}
+
+
 def show_map(viewer, name: str, slide: Slide, amap, how: str = "minmax", limits: tuple[float, float] | None = None,
              colormap: str = "inferno", opacity: float = 0.6):
     """Add or update an attention map layer (NaN where there is no patch: transparent)."""
-    from napari_mil.heatmaps import shared_limits
-
     data = amap.image(how)
-    limits = limits or shared_limits([amap], how)
-    kwargs = {**map_placement(slide, amap), "colormap": colormap, "contrast_limits": limits, "opacity": opacity,
-              "blending": "translucent"}
+    kwargs = map_layer_kwargs(slide, amap, how, limits, colormap, opacity)
     if name in viewer.layers:
         layer = viewer.layers[name]
         layer.data = data
@@ -135,3 +140,23 @@ def show_map(viewer, name: str, slide: Slide, amap, how: str = "minmax", limits:
     layer.metadata["napari_mil_norm"] = how
     return layer
 
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """The pixels of ``mask`` with a 4-neighbour outside ``mask`` (its one-pixel inner border), as uint8."""
+    mask = np.asarray(mask, bool)
+    inner = np.pad(mask, 1, constant_values=False)
+    interior = inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
+    return (mask & ~interior).astype(np.uint8)
+
+
+def frame_layer(data: np.ndarray, name: str, colour: str, **kwargs):
+    """An image layer drawing the non-zero pixels of ``data`` in ``colour`` and the rest transparent:
+    outlines and patch frames. An image layer, not a labels layer: napari makes one five times faster."""
+    from napari.layers import Image
+    from napari.utils.colormaps import Colormap
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    colours = Colormap([[0, 0, 0, 0], transform_color(colour)[0]], name=f"napari-mil {colour} frame",
+                       interpolation="zero")
+    return Image(data, name=name, colormap=colours, contrast_limits=(0, 1), opacity=1.0, blending="translucent",
+                 interpolation2d="nearest", **kwargs)

@@ -21,7 +21,7 @@ from magicgui.widgets import (
 )
 
 from napari_mil._napari._model_widget import MODEL_CHOICES
-from napari_mil._napari._widgets import DockBase
+from napari_mil._napari._widgets import DockBase, set_progress
 from napari_mil.errors import NapariMilError
 
 if TYPE_CHECKING:
@@ -198,11 +198,11 @@ class RetrainWidget(DockBase):
     def _on_update(self, update: TrainingUpdate) -> None:
         if update.kind == "cohort":
             p = update.payload
-            self.progress.value = p.done
+            set_progress(self.progress, p.done)
             self.status.value = f"features {p.done}/{p.total}: {p.slide_id} ({'extracted' if p.extracted else 'cached'})"
             return
         report, maps = update.payload
-        self.progress.value = min(self.progress.max, self.progress.value + 1)
+        set_progress(self.progress, min(self.progress.max, self.progress.value + 1))
         self.loss_plot.add("train", report.epoch, report.train_loss)
         self.loss_plot.add("validation", report.epoch, report.val_loss)
         self.auc_plot.add("validation", report.epoch, report.val_auc)
@@ -239,7 +239,7 @@ class RetrainWidget(DockBase):
         state.model, state.model_meta = result.model.cpu().eval(), meta
         state.teacher = load_teacher(result.checkpoint, meta)  # the best epoch's, as the student
         state.mhim = self.train_config().mhim
-        self.progress.value = self.progress.max
+        set_progress(self.progress, self.progress.max)
         auc = result.val_metrics.get("auc", float("nan"))
         self._say(f"trained {result.best_epoch} epochs (best); validation AUC {auc:.3f}, threshold "
                   f"{result.threshold:.2f}; checkpoint {result.checkpoint}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,17 @@ def notify_info(message: str) -> None:
     from napari.utils.notifications import show_info
 
     show_info(message)
+
+
+def set_progress(bar, value: int) -> None:
+    """Set a magicgui ProgressBar without the synchronous repaint QProgressBar does on every
+    visible change: that repaint composes the whole window, OpenGL canvas included, inside the
+    caller (0.02-1.5 s under software OpenGL). The bar is redrawn at the loop's next paint."""
+    bar.native.setUpdatesEnabled(False)
+    try:
+        bar.value = value
+    finally:
+        bar.native.setUpdatesEnabled(True)  # schedules an ordinary update()
 
 
 def _user_message(exc: BaseException) -> str:
@@ -75,10 +87,15 @@ class DockBase(Container):
     Long core functions run through ``_reports`` with ``self._cancel`` as their cooperative cancel.
     Closing the dock or the viewer calls ``stop_workers``: the core function stops at its next
     check (partial results are written by then: feature chunks, the last good checkpoint) and no
-    callback reaches the closed widgets afterwards."""
+    callback reaches the closed widgets afterwards.
+
+    GUI work too long for one event-loop turn (creating many layers) goes through ``_in_turns``;
+    a worker whose result started such steps counts as running until they are done."""
 
     #: how long closing waits for a core function to reach its next cancel check
     stop_wait_s = 30.0
+    #: pause between two GUI steps of ``_in_turns``, so that the loop draws and takes input between them
+    step_pause_ms = 15
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(labels=True)
@@ -89,6 +106,8 @@ class DockBase(Container):
         self._errors: dict = {}  # worker -> its error, until its end is handled
         self._threads: set[threading.Thread] = set()
         self._cancel = threading.Event()
+        self._steps: deque = deque()  # GUI steps still to run, one per event-loop turn
+        self._finished_during_steps: list = []  # workers whose end waits for the steps
         self.closed = False
         self.status = Label(value="")
         self.status.native.setWordWrap(True)
@@ -123,6 +142,9 @@ class DockBase(Container):
         return worker
 
     def _finish(self, worker) -> None:
+        if self._steps:  # its result is still being shown, a step per turn
+            self._finished_during_steps.append(worker)
+            return
         self._workers.discard(worker)
         callbacks = self._after.pop(worker, [])
         if callbacks:  # otherwise the error waits for an after() that comes late
@@ -166,6 +188,44 @@ class DockBase(Container):
             raise outcome["error"]
         return outcome["value"]
 
+    def _in_turns(self, steps) -> None:
+        """Run GUI-thread steps one per event-loop turn, ``step_pause_ms`` apart, after those already
+        queued. Between two steps the loop draws and handles input, so a long piece of GUI work (napari
+        takes 0.1-0.3 s to create one layer under software OpenGL) does not freeze the viewer. A step
+        that fails drops the ones after it, with a notification."""
+        idle = not self._steps
+        self._steps.extend(steps)
+        if idle and self._steps:
+            QTimer.singleShot(0, self._next_step)
+
+    @property
+    def stepping(self) -> bool:
+        """Whether GUI steps of ``_in_turns`` are still to run."""
+        return bool(self._steps)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a worker of this dock, or its GUI steps, are still under way."""
+        return bool(self._workers) or self.stepping
+
+    def _next_step(self) -> None:
+        if self.closed:
+            self._steps.clear()
+        if self._steps:
+            try:
+                self._steps[0]()
+            except Exception as exc:  # noqa: BLE001  a notification, and the viewer keeps running
+                self._steps.clear()
+                self._say(_user_message(exc), error=True)
+            else:
+                self._steps.popleft()
+        if self._steps:
+            QTimer.singleShot(self.step_pause_ms, self._next_step)
+            return
+        waiting, self._finished_during_steps = self._finished_during_steps, []
+        for worker in waiting:
+            self._finish(worker)
+
     def is_running(self, worker) -> bool:
         """Whether a worker started by this dock has yet to deliver its result."""
         return worker in self._workers
@@ -185,6 +245,7 @@ class DockBase(Container):
         """The dock or its viewer was closed: stop the work, deliver nothing more."""
         if not self.closed:
             self.closed = True
+            self._steps.clear()
             self.stop_workers()
 
 
