@@ -151,9 +151,9 @@ class CompareWidget(DockBase):
 
     def show_pair(self, maps, announce: bool = True) -> None:
         """Put the two maps in two linked panels (napari's grid mode), creating the layers the first
-        time and updating them in place after. The work is spread over event-loop turns, one layer a
-        turn (napari takes 0.1-0.4 s to create a layer and ~20 ms to refresh one under software
-        OpenGL), so the viewer stays responsive while the panels fill in; a pair that arrives
+        time and updating them in place after. The work is spread over event-loop turns: a turn for
+        each layer created (napari takes 0.1-0.4 s to create one under software OpenGL), a turn for
+        each panel updated, so the viewer stays responsive while the panels fill in; a pair that arrives
         meanwhile (the Retrain dock sends one every epoch) is shown once these turns end.
         ``announce=False`` (the Retrain dock's refreshes) updates the status line without a notification."""
         teacher, student = maps
@@ -165,15 +165,22 @@ class CompareWidget(DockBase):
         self._in_turns(self._pair_steps())
 
     def _pair_steps(self) -> list:
-        """The GUI steps that show ``self.maps``: the grid, then one layer a step, then the colours."""
+        """The GUI steps that show ``self.maps``: the grid and each missing layer, a step each; then
+        each panel's layers updated in place, a step a panel; then the colours and the summary."""
         self._drawing = self.maps
         layers = self.viewer.layers
-        if any(name not in layers for panel in PANELS for name in self.layer_names(panel)):
+        missing = [(panel, part) for panel in PANELS for part, name in enumerate(self.layer_names(panel))
+                   if name not in layers]
+        if missing:
             self.status.value = "drawing teacher | student..."
-        todo = [(panel, part) for panel in PANELS for part, name in enumerate(self.layer_names(panel))
-                if part > 0 or name not in layers]  # an existing slide layer has nothing to update
-        return [self._enter_grid, *(lambda p=panel, k=part: self._put_layer(p, k) for panel, part in todo),
-                self.restyle, self._pair_shown]
+        creating = [self._enter_grid, *(lambda p=panel, k=part: self._put_layer(p, k) for panel, part in missing)]
+        return [*(creating if missing else []), *(lambda p=panel: self._update_panel(p) for panel in PANELS),
+                self._pair_shown]
+
+    def _update_panel(self, panel: str) -> None:
+        self._enter_grid()
+        for part in range(1, len(self.layer_names(panel))):  # the slide layer stays as it is
+            self._put_layer(panel, part)
 
     def _enter_grid(self) -> None:
         """Hide the other layers (they come back with "Back to one view") and switch to the grid."""
@@ -192,8 +199,9 @@ class CompareWidget(DockBase):
             grid.enabled = True
 
     def _pair_shown(self) -> None:
-        """The last step: layer order, gallery, the summary; and the newest pair if one came meanwhile."""
+        """The last step: colours, layer order, gallery, the summary; and the newest pair if one came meanwhile."""
         viewer = self.viewer
+        self.restyle()
         order = [viewer.layers.index(name) for panel in PANELS for name in self.layer_names(panel)]
         if order != list(range(len(order))):
             viewer.layers.move_multiple(order, 0)
