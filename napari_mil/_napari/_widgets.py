@@ -191,7 +191,7 @@ class DockBase(Container):
     def _in_turns(self, steps) -> None:
         """Run GUI-thread steps one per event-loop turn, ``step_pause_ms`` apart, after those already
         queued. Between two steps the loop draws and handles input, so a long piece of GUI work (napari
-        takes 0.1-0.3 s to create one layer under software OpenGL) does not freeze the viewer. A step
+        takes 0.1-0.4 s to create one layer under software OpenGL) does not freeze the viewer. A step
         that fails drops the ones after it, with a notification."""
         idle = not self._steps
         self._steps.extend(steps)
