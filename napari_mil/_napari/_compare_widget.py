@@ -84,6 +84,7 @@ class CompareWidget(DockBase):
         self._drawing: dict = {}  # the maps the GUI steps under way show
         self._announce = False  # whether the pair under way ends with a notification
         self._hidden: list = []  # layers hidden while comparing
+        self._truth_of, self._truth = None, None  # the slide whose ground truth was read, and it
         self.show_button.clicked.connect(self.compare)
         self.single_button.clicked.connect(self.single_view)
         self.norm.changed.connect(lambda _: self.restyle())
@@ -244,23 +245,20 @@ class CompareWidget(DockBase):
         layers.insert(min(PANELS.index(panel) * len(self.layer_names(panel)) + part, len(layers)), layer)
 
     def _put_map(self, panel: str, name: str, amap) -> None:
-        from napari_mil._napari._layers import map_layer_kwargs, map_placement, set_changed
+        from napari_mil._napari._layers import map_layer, map_placement, set_changed
 
         if name in self.viewer.layers:  # restyle() sets its data
             set_changed(self.viewer.layers[name], **map_placement(self.state.slide, amap))
             self.viewer.layers[name].metadata["napari_mil_map"] = amap
             return
-        from napari.layers import Image
-
-        how = self.norm.value
-        kwargs = map_layer_kwargs(self.state.slide, amap, how, colormap=self.colormap.value, opacity=self.opacity.value)
-        layer = Image(amap.image(how), name=name, metadata={"napari_mil_map": amap, "napari_mil_norm": how}, **kwargs)
+        layer = map_layer(name, self.state.slide, amap, self.norm.value, colormap=self.colormap.value,
+                          opacity=self.opacity.value)
         self._insert(panel, 1, layer)
 
     def _ground_truth(self):
         """The open slide's ground truth, read once per slide (the maps refresh every epoch)."""
         path = self.state.slide.path
-        if getattr(self, "_truth_of", None) != path:
+        if self._truth_of != path:
             self._truth_of, self._truth = path, ground_truth(self.state.slide)
         return self._truth
 

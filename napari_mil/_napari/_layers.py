@@ -125,17 +125,25 @@ def map_layer_kwargs(slide: Slide, amap, how: str = "minmax", limits: tuple[floa
             "opacity": opacity, "blending": "translucent"}
 
 
+def map_layer(name: str, slide: Slide, amap, how: str = "minmax", limits: tuple[float, float] | None = None,
+              colormap: str = "inferno", opacity: float = 0.6):
+    """A new attention map image layer (NaN where there is no patch: transparent), not yet in a viewer."""
+    from napari.layers import Image
+
+    return Image(amap.image(how), name=name, metadata={"napari_mil_map": amap, "napari_mil_norm": how},
+                 **map_layer_kwargs(slide, amap, how, limits, colormap, opacity))
+
+
 def show_map(viewer, name: str, slide: Slide, amap, how: str = "minmax", limits: tuple[float, float] | None = None,
              colormap: str = "inferno", opacity: float = 0.6):
-    """Add or update an attention map layer (NaN where there is no patch: transparent)."""
-    data = amap.image(how)
-    kwargs = map_layer_kwargs(slide, amap, how, limits, colormap, opacity)
-    if name in viewer.layers:
-        layer = viewer.layers[name]
-        layer.data = data
-        set_changed(layer, **kwargs)
-    else:
-        layer = viewer.add_image(data, name=name, **kwargs)
+    """Add or update an attention map layer."""
+    if name not in viewer.layers:
+        layer = map_layer(name, slide, amap, how, limits, colormap, opacity)
+        viewer.layers.append(layer)
+        return layer
+    layer = viewer.layers[name]
+    layer.data = amap.image(how)
+    set_changed(layer, **map_layer_kwargs(slide, amap, how, limits, colormap, opacity))
     layer.metadata["napari_mil_map"] = amap
     layer.metadata["napari_mil_norm"] = how
     return layer

@@ -59,10 +59,9 @@ class FeatureBag:
         100k x 1024 features in ~0.17 s on two cores, several times faster than numpy."""
         if self.features.dtype == np.float32:
             return self
-        import torch
+        from napari_mil.heatmaps import bag_tensor
 
-        features = torch.from_numpy(np.ascontiguousarray(self.features)).to(torch.float32).numpy()
-        return FeatureBag(features, self.coords, self.attrs, self.skipped_coords)
+        return FeatureBag(bag_tensor(self.features)[0].numpy(), self.coords, self.attrs, self.skipped_coords)
 
     def save(self, path: str | os.PathLike, dtype=np.float32) -> Path:
         """Write atomically: a temporary file in the same folder renamed into place."""
