@@ -2,7 +2,8 @@
 each slide needs, extracted where missing and reused where cached.
 
 The CSV has ``slide_id``, ``label`` and ``path`` (relative to the CSV's folder or absolute),
-optionally ``patient_id`` and ``split``, as ``napari_mil.synthetic.make_cohort`` writes it.
+optionally ``patient_id`` and ``split``, as ``napari_mil.synthetic.make_cohort`` writes it; the
+slide and patient columns may have the other names ``read_labels`` accepts.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from napari_mil.features.store import feature_path
-from napari_mil.training.data import CohortError, SlideRecord, load_bags, read_labels
+from napari_mil.training.data import CohortError, SlideRecord, label_columns, load_bags, read_labels
 
 
 @dataclass
@@ -34,11 +35,15 @@ def read_cohort(csv_path: str | Path) -> list[CohortSlide]:
     """The CSV's slides with their files; refuses a CSV without paths or naming missing files."""
     csv_path = Path(csv_path)
     records = read_labels(csv_path)
-    with open(csv_path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if "path" not in (rows[0] if rows else {}):
-        raise CohortError(f"{csv_path.name} needs a 'path' column with each slide's file")
-    paths = {row["slide_id"].strip(): Path(row["path"].strip()) for row in rows}
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        slide_column = label_columns(columns, csv_path.name)["slide_id"]
+        path_column = next((c for c in columns if c.strip().lower() == "path"), None)
+        if path_column is None:
+            raise CohortError(f"{csv_path.name} needs a 'path' column with each slide's file "
+                              f"(its columns: {', '.join(columns)})")
+        paths = {(row[slide_column] or "").strip(): Path((row[path_column] or "").strip()) for row in reader}
     slides, missing = [], []
     for r in records:
         path = paths[r.slide_id] if paths[r.slide_id].is_absolute() else csv_path.parent / paths[r.slide_id]

@@ -2,8 +2,10 @@
 
 The CSV has one row per slide: ``slide_id`` and ``label`` (integers 0..C-1), optionally
 ``patient_id`` (defaults to the slide) and ``split`` (train/val/test, which overrides the
-cross-validation). Bags are read from ``<features>/features_<encoder>/<slide_id>.h5`` and held
-in memory.
+cross-validation). The column names of CLAM and TRIDENT (``slide_id``, ``case_id``, ``label``)
+are read as they are, and so are ``slide`` and ``patient``/``patient_id`` (``COLUMN_ALIASES``).
+Slide IDs are unique and safe file names, since they name the feature and attention files.
+Bags are read from ``<features>/features_<encoder>/<slide_id>.h5`` and held in memory.
 """
 
 from __future__ import annotations
@@ -39,30 +41,81 @@ class Bag:
     coords: np.ndarray  # (N, 2)
 
 
+# the accepted names of each column, first match wins (compared without case or surrounding spaces)
+COLUMN_ALIASES = {
+    "slide_id": ("slide_id", "slide"),
+    "label": ("label",),
+    "patient_id": ("patient_id", "case_id", "patient"),
+    "split": ("split",),
+}
+
+
+def label_columns(columns: list[str], where: str = "the labels CSV") -> dict[str, str]:
+    """The CSV's column for each role (``slide_id``, ``label``, ``patient_id``, ``split``; the
+    last two may be absent); a CSV without a slide or label column gets a CohortError that lists
+    the columns it has and the names accepted."""
+    found = {c.strip().lower(): c for c in columns if c is not None}
+    chosen = {}
+    for role, names in COLUMN_ALIASES.items():
+        column = next((found[n] for n in names if n in found), None)
+        if column is not None:
+            chosen[role] = column
+    missing = [role for role in ("slide_id", "label") if role not in chosen]
+    if missing:
+        accepted = "; ".join(f"{role}: {' or '.join(COLUMN_ALIASES[role])}" for role in COLUMN_ALIASES)
+        has = ", ".join(repr(c) for c in columns) if columns else "none (an empty file?)"
+        raise CohortError(f"{where} needs a {' and a '.join(repr(m) for m in missing)} column. Its columns: {has}. "
+                          f"Accepted names: {accepted} (the last two optional)")
+    return chosen
+
+
+def unsafe_slide_id(slide_id: str) -> str | None:
+    """Why ``slide_id`` cannot name a file (None when it can): IDs become file names."""
+    if not slide_id:
+        return "it is empty"
+    for bad in ("/", "\\", ".."):
+        if bad in slide_id:
+            return f"it contains {bad!r}"
+    if any(ord(ch) < 32 for ch in slide_id):
+        return "it contains a control character"
+    return None
+
+
 def read_labels(path: str | Path) -> list[SlideRecord]:
-    """Slides and labels; raises CohortError for missing columns, non-integer or single-class labels."""
+    """Slides and labels; raises CohortError for missing columns, non-integer or single-class
+    labels, duplicate slide IDs and slide IDs that are not safe file names."""
     path = Path(path)
     if not path.exists():
         raise CohortError(f"labels file {path} does not exist")
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # utf-8-sig: a spreadsheet's byte-order mark
         reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        for needed in ("slide_id", "label"):
-            if needed not in columns:
-                raise CohortError(f"{path.name} needs a '{needed}' column (it has: {', '.join(columns)})")
-        records = []
+        col = label_columns(reader.fieldnames or [], path.name)
+        records, first_line = [], {}
         for line, row in enumerate(reader, start=2):
-            raw = (row["label"] or "").strip()
+            if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+                continue  # a blank line
+            slide_id = (row[col["slide_id"]] or "").strip()
+            why = unsafe_slide_id(slide_id)
+            if why:
+                raise CohortError(f"{path.name} line {line}: slide ID {slide_id!r} cannot name a file ({why}); "
+                                  "slide IDs are the feature files' names without .h5")
+            if slide_id in first_line:
+                raise CohortError(f"{path.name} line {line}: slide {slide_id!r} is listed twice (first on line "
+                                  f"{first_line[slide_id]}); a slide in two folds leaks between training and test. "
+                                  "List each slide once; patient_id groups the slides of one patient")
+            first_line[slide_id] = line
+            raw = (row[col["label"]] or "").strip()
             try:
                 label = int(raw)
                 if label < 0:
                     raise ValueError
             except ValueError:
                 raise CohortError(f"{path.name} line {line}: label {raw!r} is not a class number (0, 1, ...)") from None
-            split = (row.get("split") or "").strip().lower()
+            split = (row[col["split"]] or "").strip().lower() if "split" in col else ""
             if split not in ("", "train", "val", "test"):
                 raise CohortError(f"{path.name} line {line}: split {split!r} must be train, val or test")
-            records.append(SlideRecord(row["slide_id"].strip(), label, (row.get("patient_id") or row["slide_id"]).strip(), split))
+            patient = ((row[col["patient_id"]] or "").strip() if "patient_id" in col else "") or slide_id
+            records.append(SlideRecord(slide_id, label, patient, split))
     if not records:
         raise CohortError(f"{path.name} lists no slides")
     classes = sorted({r.label for r in records})
