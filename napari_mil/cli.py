@@ -4,7 +4,8 @@
     napari-mil extract SLIDE|FOLDER|CSV ... --out DIR [--encoder NAME]
     napari-mil encoders
     napari-mil train LABELS.csv --features DIR --out MODELS [--model abmil] [--mhim PRESET]
-    napari-mil predict SLIDE_ID ... --checkpoint CKPT --features DIR --out DIR
+    napari-mil predict SLIDE_ID ... --checkpoint CKPT --features DIR --out DIR [--part teacher]
+    napari-mil predict --oof MODELS --features DIR --out DIR   (each slide by its own fold's model)
     napari-mil export ATTENTION.h5 --out DIR [--formats geojson,csv,png,topk] [--slide SLIDE]
     napari-mil synthetic OUT.tif | --cohort N OUT_DIR
     napari-mil demo [--headless OUT] [--slide synthetic|cmu1]
@@ -99,7 +100,7 @@ def cmd_tile(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
     rows = []
-    for path, mpp in tqdm(slides, desc="tiling", unit="slide", disable=args.quiet or len(slides) == 1):
+    for path, mpp in _progress(slides, desc="tiling", unit="slide", disable=args.quiet or len(slides) == 1):
         try:
             n, tissue = tile_one(path, out, args, mpp)
             rows.append({"slide": str(path), "patches": n, "tissue_fraction": f"{tissue:.4f}", "error": ""})
@@ -154,7 +155,7 @@ def cmd_extract(args) -> int:
         t0 = time.perf_counter()
         try:
             slide_mpp, grid = _grid_for(path, out, args, mpp)
-            bar = tqdm(total=len(grid), desc=path.name, unit="tile", disable=args.quiet, leave=False)
+            bar = _progress(total=len(grid), desc=path.name, unit="tile", disable=args.quiet, leave=False)
 
             def progress(p, bar=bar):
                 bar.n = p.done
@@ -199,11 +200,12 @@ def cmd_train(args) -> int:
     from tqdm import tqdm
 
     from napari_mil.training.data import load_bags, patient_folds, read_labels
-    from napari_mil.training.metrics import binary_metrics, bootstrap_ci
+    from napari_mil.training.metrics import binary_metrics, cross_validation_summary
     from napari_mil.training.mhim import preset
     from napari_mil.training.trainer import TrainConfig, predict_probs, train
 
     try:
+        model_cfg = _model_cfg(args)  # checked before the bags are read
         records = read_labels(args.labels)
         bags = load_bags(records, args.features, args.encoder)
         mhim = preset(args.mhim, score=args.mhim_score) if args.mhim else None
@@ -219,10 +221,12 @@ def cmd_train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(model=args.model, epochs=args.epochs, lr=args.lr, seed=args.seed, mhim=mhim, device=args.device,
                       teacher_init=args.teacher_init)
+    cfg.model_cfg = model_cfg
     rows, summary = [], {"folds": []}
     for k, fold in enumerate(folds):
         pick = lambda name: [bags[i] for i in fold[name]]  # noqa: E731
-        bar = tqdm(total=args.epochs, desc=f"fold {k + 1}/{len(folds)}", unit="epoch", disable=args.quiet)
+        bar = _progress(total=args.epochs, desc=f"fold {k + 1}/{len(folds)}", unit="epoch", disable=args.quiet,
+                        lines=True)
 
         def on_epoch(r, bar=bar):
             bar.update(1)
@@ -246,7 +250,10 @@ def cmd_train(args) -> int:
             metrics = binary_metrics(labels, probs[:, -1], result.threshold)
         else:
             metrics = {}
-        summary["folds"].append({"fold": k, "best_epoch": result.best_epoch, "threshold": result.threshold,
+        summary["folds"].append({"fold": k, "checkpoint": result.checkpoint.name, "best_epoch": result.best_epoch,
+                                 "threshold": result.threshold, "n_test": len(test),
+                                 "n_test_by_class": [sum(b.label == c for b in test)
+                                                     for c in range(max(b.label for b in bags) + 1)],
                                  "val": result.val_metrics, "test": metrics})
         if not args.quiet and metrics:
             tqdm.write(f"fold {k + 1}: test AUC {metrics['auc']:.3f}, balanced accuracy {metrics['balanced_accuracy']:.3f} "
@@ -254,56 +261,66 @@ def cmd_train(args) -> int:
     if rows:
         labels = np.array([r["label"] for r in rows]) == max(b.label for b in bags)
         probs = np.array([float(r["probability"]) for r in rows])
-        aucs = [f["test"]["auc"] for f in summary["folds"] if f["test"]]
-        summary["test_auc_mean"], summary["test_auc_sd"] = float(np.nanmean(aucs)), float(np.nanstd(aucs))
-        summary["pooled_test_auc_95ci"] = bootstrap_ci(labels, probs, n_boot=1000)["auc"]
+        summary.update(cross_validation_summary(labels, probs, [r["fold"] for r in rows], n_boot=1000))
         _write_csv(out / "predictions.csv", rows)
         if not args.quiet:
-            print(f"test AUC {summary['test_auc_mean']:.3f} ± {summary['test_auc_sd']:.3f} over {len(aucs)} fold(s)")
+            lo, hi = summary["pooled_test_auc_95ci"]
+            pooled = "pooled out-of-fold test AUC" if len(folds) > 1 else "test AUC"
+            print(f"{pooled} {summary['pooled_test_auc']:.3f} (95% CI {lo:.3f}-{hi:.3f}, bootstrap) "
+                  f"over {summary['n_test_slides']} slides ({summary['n_test_positive']} positive)")
+            if len(folds) > 1:
+                with_auc = sum(np.isfinite(a) for a in summary["test_auc_per_fold"].values())
+                print(f"per-fold test AUC {summary['test_auc_mean']:.3f} ± {summary['test_auc_sd']:.3f} (sd) "
+                      f"over {with_auc} folds")
+        for warning in summary["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
     _write_json(out / "summary.json", summary)
     return 0
 
 
+def _model_cfg(args) -> dict:
+    """TrainConfig.model_cfg from the model-size options (TransMIL's), checked."""
+    from napari_mil.training.model_options import transmil_options
+
+    sizes = {"dim": args.transmil_dim, "heads": args.transmil_heads, "landmarks": args.transmil_landmarks}
+    if args.model != "transmil":
+        given = [f"--transmil-{k}" for k, v in sizes.items() if v is not None]
+        if given:
+            raise NapariMilError(f"{', '.join(given)} set(s) TransMIL's size: use it with --model transmil")
+        return {}
+    if getattr(args, "teacher_init", None) and any(v is not None for v in sizes.values()):
+        raise NapariMilError("with --teacher-init the student takes the baseline's TransMIL size: "
+                             "leave out --transmil-dim/--transmil-heads/--transmil-landmarks")
+    return transmil_options(**sizes)
+
+
 def cmd_predict(args) -> int:
-    """Slide predictions and per-patch attention from a checkpoint."""
-    import h5py
-    import numpy as np
-    import torch
-
+    """Slide predictions and per-patch attention from a checkpoint, or out of fold (--oof)."""
     from napari_mil.features.store import FeatureBag, feature_path
-    from napari_mil.heatmaps import bag_tensor
-    from napari_mil.training.trainer import load_checkpoint
+    from napari_mil.training.inference import checkpoint_encoder, load_for_prediction, predict_bag, write_prediction
 
+    if args.oof:
+        return _predict_out_of_fold(args)
+    if not args.checkpoint or not args.slides:
+        print("error: give slide IDs and --checkpoint, or --oof MODELS_DIR (the --out folder of train)", file=sys.stderr)
+        return 2
+    try:
+        model, meta = load_for_prediction(args.checkpoint, part=args.part)
+    except NapariMilError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    encoder, note = checkpoint_encoder(meta, args.encoder)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     out = Path(args.out)
     rows, failures = [], 0
-    model = meta = None
     for slide_id in args.slides:
         try:
-            bag = FeatureBag.load(feature_path(args.features, args.encoder, slide_id))
-            if model is None:
-                model, meta = load_checkpoint(args.checkpoint, feature_dim=bag.dim, part=args.part)
-            elif bag.dim != meta["in_dim"]:
-                raise NapariMilError(f"{slide_id}: {bag.dim}-d features, the checkpoint expects {meta['in_dim']}")
-            if len(bag) == 0:
-                raise NapariMilError(f"{slide_id}: the bag is empty")
-            with torch.no_grad():
-                result = model(bag_tensor(bag.features))
-            prob = float(torch.softmax(result.logits, 1)[0, -1])
-            threshold = float(meta.get("threshold", 0.5))
-            rows.append({"slide_id": slide_id, "probability": f"{prob:.6f}", "predicted": int(prob >= threshold),
-                         "threshold": f"{threshold:.6f}"})
-            target = out / "attention" / f"{slide_id}.h5"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".tmp")
-            with h5py.File(tmp, "w") as fh:
-                fh.create_dataset("coords", data=bag.coords)
-                fh.create_dataset("attention", data=result.attention[0].numpy())
-                fh.attrs["model"] = meta["model"]
-                fh.attrs["probability"] = prob
-                for key in ("patch_size_level0", "patch_size", "overlap", "name"):  # the grid geometry
-                    if key in bag.attrs:
-                        fh.attrs[key] = bag.attrs[key]
-            tmp.replace(target)
+            bag = FeatureBag.load(feature_path(args.features, encoder, slide_id))
+            pred = predict_bag(model, meta, bag, slide_id, encoder)
+            write_prediction(out, pred, bag, meta, part=args.part)
+            rows.append({"slide_id": slide_id, "probability": f"{pred.probability:.6f}", "predicted": pred.predicted,
+                         "threshold": f"{pred.threshold:.6f}"})
         except NapariMilError as exc:
             failures += 1
             print(f"error: {exc}", file=sys.stderr)
@@ -315,12 +332,45 @@ def cmd_predict(args) -> int:
     return 1 if failures else 0
 
 
+def _predict_out_of_fold(args) -> int:
+    """Every test slide of a cross-validated run, scored by its own fold's checkpoint."""
+    from napari_mil.training.inference import out_of_fold
+
+    if args.checkpoint:
+        print("error: --oof takes each fold's checkpoint from MODELS_DIR: leave out --checkpoint", file=sys.stderr)
+        return 2
+    bar = _progress(total=0, desc="out of fold", unit="slide", disable=args.quiet)
+
+    def progress(p, bar=bar):
+        bar.total = p.total
+        bar.update(1)
+
+    try:
+        result = out_of_fold(args.oof, args.features, args.out, encoder=args.encoder, part=args.part,
+                             slides=args.slides or None, progress=progress)
+    except NapariMilError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        bar.close()
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for message in result.errors:
+        print(f"error: {message}", file=sys.stderr)
+    if result.rows:
+        _write_csv(Path(args.out) / "predictions.csv", result.rows)
+        if not args.quiet:
+            for r in result.rows:
+                print(f"{r['slide_id']} (fold {r['fold']}): p = {float(r['probability']):.3f} -> class {r['predicted']}")
+            print(f"{len(result.rows)} slides out of fold: {Path(args.out) / 'predictions.csv'} and "
+                  f"{Path(args.out) / 'attention'}/")
+    return 1 if result.errors else 0
+
+
 def cmd_export(args) -> int:
     """Attention files (from predict) -> QuPath GeoJSON, per-patch CSV, PNG overlay, top-k PNGs."""
-    import h5py
-
+    from napari_mil.attention_store import load_attention
     from napari_mil.exports import export_csv, export_geojson, export_overlay_png, export_top_k
-    from napari_mil.heatmaps import AttentionMap, grid_geometry
     from napari_mil.slide import open_slide
 
     formats = set(args.formats.split(","))
@@ -333,11 +383,9 @@ def cmd_export(args) -> int:
         return 2
     out = Path(args.out)
     try:
-        with h5py.File(args.attention, "r") as fh:
-            coords, values, attrs = fh["coords"][:], fh["attention"][:], dict(fh.attrs)
-        size0, step = grid_geometry(attrs, coords)
         stem = Path(args.attention).stem
-        amap = AttentionMap(coords, values, size0, step, name=args.name or stem)
+        amap, _ = load_attention(args.attention, name=args.name or stem)
+        coords, size0 = amap.coords, amap.patch_size_level0
         maps = {amap.name: amap}
         written = []
         if "geojson" in formats:
@@ -355,16 +403,54 @@ def cmd_export(args) -> int:
         finally:
             if slide is not None:
                 slide.close()
-    except (OSError, KeyError) as exc:
-        print(f"error: {args.attention}: not an attention file ({exc})", file=sys.stderr)
-        return 1
-    except NapariMilError as exc:
+    except (NapariMilError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if not args.quiet:
         for path in written:
             print(path)
     return 0
+
+
+def _progress(iterable=None, *, lines: bool = False, disable: bool = False, **kwargs):
+    """A tqdm bar where stderr is a terminal. Where it is not (a log file), no bar and no
+    carriage returns: with ``lines``, one line per ``set_postfix``/``refresh`` (the training
+    bars: a line per epoch), else nothing (the commands print a line per slide themselves)."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(iterable, disable=disable, **kwargs)
+    return _LogLines(iterable, disable=disable or not lines, **kwargs)
+
+
+class _LogLines:
+    """What stands in for a tqdm bar in a log: the same calls, whole lines only."""
+
+    def __init__(self, iterable=None, total=None, desc="", unit="it", disable=False, **_):
+        self.iterable, self.total, self.desc, self.unit, self.disable = iterable, total, desc, unit, disable
+        self.n, self.postfix = 0, {}
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.n += 1
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix(self, refresh=True, **values):
+        self.postfix = values
+        if refresh:
+            self.refresh()
+
+    def refresh(self):
+        if not self.disable:
+            extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
+            print(f"{self.desc}: {self.unit} {self.n}{f'/{self.total}' if self.total else ''}{extra}",
+                  file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
 
 
 def _write_json(path: Path, data) -> None:
@@ -479,6 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--features", required=True, help="the folder holding features_<encoder>/")
     tr.add_argument("--encoder", default="hne_stats")
     tr.add_argument("--model", default="abmil", help="abmil, abmil_gated, extreme_abmil, transmil, mean_pool, max_pool")
+    tr.add_argument("--transmil-dim", type=int, default=None, metavar="N",
+                    help="TransMIL: embedding width (default 512; a multiple of --transmil-heads)")
+    tr.add_argument("--transmil-heads", type=int, default=None, metavar="N", help="TransMIL: attention heads (default 8)")
+    tr.add_argument("--transmil-landmarks", type=int, default=None, metavar="N",
+                    help="TransMIL: Nyström landmarks (default 256)")
     tr.add_argument("--mhim", default=None, help="train in MHIM-MIL mode with an official preset "
                     "(camelyon16_abmil, tcga_abmil, camelyon16_transmil, tcga_transmil)")
     tr.add_argument("--mhim-score", choices=("attention", "class_aware"), default="attention",
@@ -494,15 +585,26 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--quiet", "-q", action="store_true")
     tr.set_defaults(func=cmd_train)
 
-    pr = sub.add_parser("predict", help="predict slides and write their attention with a checkpoint")
-    pr.add_argument("slides", nargs="+", help="slide ids with features under --features")
-    pr.add_argument("--checkpoint", required=True,
+    pr = sub.add_parser(
+        "predict", help="predict slides and write their attention with a checkpoint, or out of fold (--oof)",
+        description="Predict slides with one checkpoint (SLIDE_ID ... --checkpoint CKPT), or every test slide of a "
+                    "cross-validated train run with the checkpoint of the fold that held it out (--oof MODELS_DIR). "
+                    "Writes predictions.csv and attention/<slide>.h5 (for export) under --out.")
+    pr.add_argument("slides", nargs="*", help="slide ids with features under --features (with --oof: optional, "
+                    "a subset of the run's test slides)")
+    pr.add_argument("--checkpoint", default=None,
                     help="napari-mil checkpoint (path without .json/.safetensors), or a .pt/.pth/.ckpt file of the "
                          "official TransMIL, MHIM-MIL or CLAM code")
+    pr.add_argument("--oof", metavar="MODELS_DIR", default=None,
+                    help="out of fold: the --out folder of napari-mil train; each slide in its predictions.csv is "
+                         "predicted by its own fold's checkpoint <model>_fold<k>")
     pr.add_argument("--part", choices=("student", "teacher"), default="student",
-                    help="for MHIM-MIL files: the student ('model') or the EMA teacher")
+                    help="the student, or the MHIM-MIL teacher (napari-mil runs keep it in <checkpoint>_teacher; "
+                         "an error for checkpoints trained without one)")
     pr.add_argument("--features", required=True)
-    pr.add_argument("--encoder", default="hne_stats")
+    pr.add_argument("--encoder", default=None,
+                    help="the features' encoder (default: the one the checkpoint was trained on; hne_stats for "
+                         "checkpoints that record none)")
     pr.add_argument("--out", "-o", required=True, help="folder for predictions.csv and attention/<slide>.h5")
     pr.add_argument("--quiet", "-q", action="store_true")
     pr.set_defaults(func=cmd_predict)

@@ -46,11 +46,20 @@ class RetrainWidget(DockBase):
         super().__init__(napari_viewer)
         from napari_mil._napari._features_widget import default_feature_root
         from napari_mil.training.mhim import PRESETS, MHIMConfig
+        from napari_mil.training.model_options import TRANSMIL_DEFAULTS
 
         self.cohort = FileEdit(label="Cohort CSV", mode="r", filter="*.csv",
                                tooltip="slide_id, label, path[, patient_id, split]")
         self.features_root = FileEdit(label="Feature folder", mode="d", value=str(default_feature_root()))
         self.model_name = ComboBox(label="Model", choices=MODEL_CHOICES[:4], value="abmil")
+        # TransMIL's size (TrainConfig.model_cfg), shown only when TransMIL is chosen
+        self.transmil_fields = {
+            "dim": SpinBox(label="TransMIL width", value=TRANSMIL_DEFAULTS["dim"], min=8, max=8192, step=8,
+                           tooltip="embedding width; a multiple of the heads"),
+            "heads": SpinBox(label="TransMIL heads", value=TRANSMIL_DEFAULTS["heads"], min=1, max=64),
+            "landmarks": SpinBox(label="TransMIL landmarks", value=TRANSMIL_DEFAULTS["landmarks"], min=1, max=65536,
+                                 tooltip="Nyström landmarks (more: closer to exact attention, slower)"),
+        }
         self.use_mhim = CheckBox(text="MHIM-MIL (teacher and masked student)", value=True)
         self.preset = ComboBox(label="Official recipe", choices=["custom", *PRESETS], value="camelyon16_abmil")
         defaults = MHIMConfig()
@@ -69,17 +78,21 @@ class RetrainWidget(DockBase):
         self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
         self.epoch_label = Label(value="")
         self.curves = Container(labels=False)
-        self.extend([self.cohort, self.features_root, self.model_name, self.use_mhim, self.preset,
+        self.extend([self.cohort, self.features_root, self.model_name, *self.transmil_fields.values(),
+                     self.use_mhim, self.preset,
                      *self.mhim_fields.values(), self.mrh_schedule, self.mm_schedule, self.epochs, self.lr, self.seed,
                      self.checkpoint_dir, self.train_button, self.cancel_button, self.progress, self.epoch_label,
                      self.curves, self.status])
         self._make_plots()
         self.status.value = "Choose a cohort CSV (File > Open Sample > napari-mil > teaching demo writes one)."
         self.preset.changed.connect(self.apply_preset)
+        self.model_name.changed.connect(self._show_model_options)
         self.train_button.clicked.connect(self.train)
         self.cancel_button.clicked.connect(self.cancel)
         self.result = None
+        self._training_cfg = None  # the configuration of the run under way (or last run)
         self.apply_preset(self.preset.value)
+        self._show_model_options()
         self.native.setMaximumWidth(460)
 
     def _make_plots(self) -> None:
@@ -105,6 +118,18 @@ class RetrainWidget(DockBase):
         self.model_name.value = "transmil" if name.endswith("transmil") else (
             self.model_name.value if self.model_name.value != "transmil" else "abmil")
 
+    def _show_model_options(self, *_) -> None:
+        for box in self.transmil_fields.values():
+            box.visible = self.model_name.value == "transmil"
+
+    def model_cfg(self) -> dict:
+        """TrainConfig.model_cfg from the model's fields (TransMIL's size), checked."""
+        from napari_mil.training.model_options import transmil_options
+
+        if self.model_name.value != "transmil":
+            return {}
+        return transmil_options(**{name: int(box.value) for name, box in self.transmil_fields.items()})
+
     def mhim_config(self):
         from napari_mil.training.mhim import PRESETS, MHIMConfig
 
@@ -119,8 +144,9 @@ class RetrainWidget(DockBase):
     def train_config(self):
         from napari_mil.training.trainer import TrainConfig
 
-        return TrainConfig(model=self.model_name.value, epochs=int(self.epochs.value), lr=float(self.lr.value),
-                           seed=int(self.seed.value), mhim=self.mhim_config(), patience=int(self.epochs.value))
+        return TrainConfig(model=self.model_name.value, model_cfg=self.model_cfg(), epochs=int(self.epochs.value),
+                           lr=float(self.lr.value), seed=int(self.seed.value), mhim=self.mhim_config(),
+                           patience=int(self.epochs.value))
 
     # ---- training ------------------------------------------------------------------------------
     def train(self):
@@ -133,13 +159,13 @@ class RetrainWidget(DockBase):
             if not str(self.cohort.value) or Path(self.cohort.value) == Path("."):
                 raise NapariMilError("choose a cohort CSV first (slide_id, label, path[, patient_id, split])")
             slides = read_cohort(self.cohort.value)
+            cfg = self._training_cfg = self.train_config()
         except NapariMilError as exc:
             self._say(str(exc), error=True)
             return None
         self._cancel.clear()
         for plot in (self.loss_plot, self.auc_plot, self.mask_plot):
             plot.clear()
-        cfg = self.train_config()
         self.progress.max, self.progress.value = len(slides) + cfg.epochs, 0
         self.train_button.enabled, self.cancel_button.enabled = False, True
         self.status.value = f"preparing the features of {len(slides)} slides..."
@@ -238,7 +264,7 @@ class RetrainWidget(DockBase):
         _, meta = load_checkpoint(result.checkpoint)
         state.model, state.model_meta = result.model.cpu().eval(), meta
         state.teacher = load_teacher(result.checkpoint, meta)  # the best epoch's, as the student
-        state.mhim = self.train_config().mhim
+        state.mhim = self._training_cfg.mhim  # as trained, whatever the fields say now
         set_progress(self.progress, self.progress.max)
         auc = result.val_metrics.get("auc", float("nan"))
         self._say(f"trained {result.best_epoch} epochs (best); validation AUC {auc:.3f}, threshold "

@@ -75,3 +75,43 @@ def bootstrap_ci(labels, probs, threshold: float = 0.5, n_boot: int = 1000, leve
             samples.setdefault(key, []).append(value)
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     return {k: (float(np.nanpercentile(v, lo)), float(np.nanpercentile(v, hi))) for k, v in samples.items()}
+
+
+def cross_validation_summary(labels, probs, folds, n_boot: int = 1000, min_slides: int = 10,
+                             min_per_class: int = 3) -> dict:
+    """The test predictions of a cross-validation, pooled and per fold.
+
+    ``labels`` (positive or not), ``probs`` and ``folds`` (the fold of each prediction) hold one
+    entry per test slide. Returns the pooled out-of-fold AUC (every test prediction in one ROC
+    curve) with its stratified bootstrap 95% interval, the per-fold AUCs with their mean and sd
+    (population sd, over the folds where both classes were tested), and warnings for test folds
+    too small for their own AUC to mean much (fewer than ``min_slides`` slides or fewer than
+    ``min_per_class`` of a class)."""
+    labels = np.asarray(labels).astype(bool)
+    probs = np.asarray(probs, dtype=np.float64)
+    folds = np.asarray(folds)
+    out: dict = {"n_test_slides": int(len(labels)), "n_test_positive": int(labels.sum())}
+    both = 0 < labels.sum() < len(labels)
+    out["pooled_test_auc"] = roc_auc(labels, probs) if both else float("nan")
+    out["pooled_test_auc_95ci"] = list(bootstrap_ci(labels, probs, n_boot=n_boot)["auc"]) if both \
+        else [float("nan"), float("nan")]
+    per_fold, warnings, small = {}, [], []
+    for k in np.unique(folds):
+        pick = folds == k
+        n, pos = int(pick.sum()), int(labels[pick].sum())
+        per_fold[int(k)] = roc_auc(labels[pick], probs[pick])
+        if n < min_slides or min(pos, n - pos) < min_per_class:
+            small.append(f"fold {int(k)} ({n} slides: {pos} positive, {n - pos} negative)")
+    aucs = [a for a in per_fold.values() if np.isfinite(a)]
+    out["test_auc_per_fold"] = per_fold
+    out["test_auc_mean"] = float(np.mean(aucs)) if aucs else float("nan")
+    out["test_auc_sd"] = float(np.std(aucs)) if aucs else float("nan")
+    if not both:
+        warnings.append("the test predictions hold a single class: no AUC can be computed")
+    if len(aucs) < len(per_fold):
+        warnings.append(f"{len(per_fold) - len(aucs)} test fold(s) hold a single class and have no AUC")
+    if small:
+        warnings.append(f"small test folds: {'; '.join(small)}. A fold's own AUC moves a lot with one slide; "
+                        f"read the pooled AUC and its interval (fewer folds make larger test folds)")
+    out["warnings"] = warnings
+    return out

@@ -1,0 +1,236 @@
+"""Prediction with checkpoints: a checkpoint's student or MHIM-MIL teacher, one slide's
+probability and attention, and out-of-fold prediction over a cross-validated ``train`` run
+(every slide scored by the model of the fold that held it out).
+
+The CLI's ``predict`` (and ``predict --oof``) call these; the attention files they write are
+``napari_mil.attention_store``'s.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from napari_mil.errors import NapariMilError
+from napari_mil.training.trainer import FOREIGN_SUFFIXES, CheckpointError, load_checkpoint, teacher_path
+
+DEFAULT_ENCODER = "hne_stats"  # for checkpoints that record no encoder (other code's .pt files)
+
+
+def load_for_prediction(checkpoint: str | Path, feature_dim: int | None = None, part: str = "student",
+                        device: str = "cpu"):
+    """(model, meta) of a checkpoint's student or teacher.
+
+    A napari-mil checkpoint trained in MHIM-MIL mode keeps its teacher beside it
+    (``<checkpoint>_teacher.json/.safetensors``). Asking for the teacher of a checkpoint that has
+    none, or finding a teacher of another architecture than its student, is a CheckpointError;
+    the student is never returned in its place. Other code's files pick their part themselves."""
+    if part not in ("student", "teacher"):
+        raise NapariMilError(f"part must be 'student' or 'teacher', not {part!r}")
+    model, meta = load_checkpoint(checkpoint, feature_dim=feature_dim, device=device, part=part)
+    if part == "student" or Path(checkpoint).suffix in FOREIGN_SUFFIXES or meta.get("role") == "teacher":
+        return model, meta  # a teacher file named directly is the teacher
+    name = _base(checkpoint).name
+    if not meta.get("teacher"):
+        raise CheckpointError(f"checkpoint {name} has no teacher: it was trained without MHIM-MIL (no --mhim). "
+                              "Predict with its student (--part student), or train with --mhim to get a teacher")
+    where = teacher_path(checkpoint)
+    if not where.with_suffix(".json").exists() or not where.with_suffix(".safetensors").exists():
+        raise CheckpointError(f"checkpoint {name} was trained with a teacher, but {where.name}.json and "
+                              f"{where.name}.safetensors are not beside it: copy them with the student")
+    try:
+        teacher, teacher_meta = load_checkpoint(where, feature_dim=feature_dim, device=device)
+    except CheckpointError as exc:
+        raise CheckpointError(f"the teacher of {name}: {exc}") from None
+    student_arch, teacher_arch = _architecture(meta), _architecture(teacher_meta)
+    if student_arch != teacher_arch:
+        raise CheckpointError(f"{where.name} is not the teacher of {name}: the teacher is a {_describe(teacher_arch)}, "
+                              f"the student a {_describe(student_arch)}. The files were mixed up; train again or "
+                              "put the run's own teacher files beside the student")
+    return teacher, {**meta, **teacher_meta, "threshold": teacher_meta.get("threshold", 0.5)}
+
+
+def _base(checkpoint: str | Path) -> Path:
+    base = Path(checkpoint)
+    return base.with_suffix("") if base.suffix in (".json", ".safetensors") else base
+
+
+def _architecture(meta: dict) -> tuple:
+    return meta["model"], json.dumps(meta.get("model_cfg", {}), sort_keys=True), meta["in_dim"], meta["n_classes"]
+
+
+def _describe(arch: tuple) -> str:
+    model, cfg, in_dim, n_classes = arch
+    cfg = json.loads(cfg)
+    options = f" ({', '.join(f'{k}={v}' for k, v in cfg.items())})" if cfg else ""
+    return f"{model}{options} on {in_dim}-d features with {n_classes} classes"
+
+
+def checkpoint_encoder(meta: dict, given: str | None = None) -> tuple[str, str | None]:
+    """The encoder whose features a checkpoint reads: ``given`` when set, else the one its
+    training recorded; checkpoints that record none (other code's files) get the default, with
+    a note saying so (the second value)."""
+    if given:
+        return given, None
+    if meta.get("encoder"):
+        return str(meta["encoder"]), None
+    return DEFAULT_ENCODER, (f"the checkpoint records no encoder: reading {DEFAULT_ENCODER} features; "
+                             "give --encoder when it was trained on another")
+
+
+@dataclass
+class SlidePrediction:
+    slide_id: str
+    probability: float  # of the last class
+    predicted: int
+    threshold: float
+    attention: np.ndarray  # (N,)
+
+
+def predict_bag(model, meta: dict, bag, slide_id: str, encoder: str | None = None) -> SlidePrediction:
+    """One slide's probability and per-patch attention; features of another dimension than the
+    checkpoint's and empty bags are refused with a message."""
+    import torch
+
+    from napari_mil.heatmaps import bag_tensor
+
+    if len(bag) == 0:
+        raise NapariMilError(f"{slide_id}: the bag is empty (no patch was extracted)")
+    if bag.dim != meta["in_dim"]:
+        trained = f" ({meta['encoder']})" if meta.get("encoder") else ""
+        raise NapariMilError(f"{slide_id}: {bag.dim}-d {encoder or bag.encoder} features, but the checkpoint expects "
+                             f"{meta['in_dim']}-d features{trained}: give --encoder with the encoder it was trained on")
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        out = model(bag_tensor(bag.features, device))
+    prob = float(torch.softmax(out.logits.float(), 1)[0, -1])
+    threshold = float(meta.get("threshold", 0.5))
+    return SlidePrediction(slide_id, prob, int(prob >= threshold), threshold, out.attention[0].float().cpu().numpy())
+
+
+def write_prediction(out: str | Path, pred: SlidePrediction, bag, meta: dict, **attrs) -> Path:
+    """The slide's attention file under ``out/attention/``, in the layout ``export`` reads."""
+    from napari_mil.attention_store import attention_path, save_attention
+
+    return save_attention(attention_path(out, pred.slide_id), bag.coords, pred.attention,
+                          {"model": meta["model"], "probability": pred.probability, **attrs}, geometry=bag.attrs)
+
+
+# ---- out-of-fold prediction ----------------------------------------------------------------
+@dataclass
+class OOFProgress:
+    done: int
+    total: int
+    slide_id: str
+    fold: int
+
+
+@dataclass
+class OOFResult:
+    rows: list[dict] = field(default_factory=list)  # one per slide predicted, as predictions.csv
+    errors: list[str] = field(default_factory=list)  # one message per slide (or fold) that failed
+    notes: list[str] = field(default_factory=list)
+
+
+def fold_checkpoints(models_dir: str | Path) -> dict[int, Path]:
+    """Each fold's checkpoint in a ``train`` output folder: from summary.json where it names them,
+    else the ``<model>_fold<k>.json`` files (more than one model per fold is ambiguous)."""
+    models_dir = Path(models_dir)
+    summary = models_dir / "summary.json"
+    if summary.exists():
+        try:
+            folds = json.loads(summary.read_text()).get("folds", [])
+        except json.JSONDecodeError:
+            folds = []
+        named = {int(f["fold"]): models_dir / f["checkpoint"] for f in folds if f.get("checkpoint")}
+        if named:
+            return named
+    found: dict[int, list[Path]] = {}
+    for config in sorted(models_dir.glob("*_fold*.json")):
+        match = re.fullmatch(r"(.+)_fold(\d+)", config.stem)
+        if match:
+            found.setdefault(int(match.group(2)), []).append(config.with_suffix(""))
+    ambiguous = {k: v for k, v in found.items() if len(v) > 1}
+    if ambiguous:
+        k, paths = next(iter(ambiguous.items()))
+        raise NapariMilError(f"{models_dir} holds several checkpoints for fold {k} ({', '.join(p.name for p in paths)}) "
+                             "and no summary.json naming the run's: keep one training run per folder")
+    return {k: v[0] for k, v in found.items()}
+
+
+def read_fold_predictions(models_dir: str | Path) -> list[dict]:
+    """The rows of a ``train`` folder's predictions.csv (slide_id, patient_id, fold, label, ...)."""
+    path = Path(models_dir) / "predictions.csv"
+    if not path.exists():
+        raise NapariMilError(f"{path} does not exist: give the --out folder of a cross-validated napari-mil train run")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"slide_id", "fold"} <= set(rows[0]):
+        raise NapariMilError(f"{path} has no slide_id and fold columns: it was not written by napari-mil train")
+    return rows
+
+
+def out_of_fold(models_dir: str | Path, features_root: str | Path, out: str | Path, encoder: str | None = None,
+                part: str = "student", slides: list[str] | None = None, device: str = "cpu",
+                progress: Callable[[OOFProgress], None] | None = None) -> OOFResult:
+    """Score every test slide of a cross-validated run with the checkpoint of the fold that held
+    it out, and write its attention to ``out/attention/<slide>.h5``. A slide (or fold) that fails
+    is reported in ``errors`` and the others still run. ``slides`` restricts the run to some."""
+    from napari_mil.features.store import FeatureBag, feature_path
+
+    rows = read_fold_predictions(models_dir)
+    if slides:
+        known = {r["slide_id"] for r in rows}
+        unknown = [s for s in slides if s not in known]
+        if unknown:
+            raise NapariMilError(f"not test slides of {Path(models_dir) / 'predictions.csv'}: {', '.join(unknown)}")
+        rows = [r for r in rows if r["slide_id"] in set(slides)]
+    checkpoints = fold_checkpoints(models_dir)
+    result, done = OOFResult(), 0
+    by_fold: dict[int, list[dict]] = {}
+    for r in rows:
+        by_fold.setdefault(int(r["fold"]), []).append(r)
+    drift = []
+    for k in sorted(by_fold):
+        fold_rows = by_fold[k]
+        try:
+            if k not in checkpoints:
+                raise NapariMilError(f"no checkpoint of fold {k} in {models_dir}")
+            model, meta = load_for_prediction(checkpoints[k], part=part, device=device)
+        except NapariMilError as exc:
+            result.errors.append(f"fold {k} ({len(fold_rows)} slides not predicted): {exc}")
+            done += len(fold_rows)
+            continue
+        fold_encoder, note = checkpoint_encoder(meta, encoder)
+        if note and note not in result.notes:
+            result.notes.append(note)
+        for r in fold_rows:
+            slide_id = r["slide_id"]
+            try:
+                bag = FeatureBag.load(feature_path(features_root, fold_encoder, slide_id))
+                pred = predict_bag(model, meta, bag, slide_id, fold_encoder)
+                write_prediction(out, pred, bag, meta, part=part, fold=k, checkpoint=checkpoints[k].name)
+                result.rows.append({"slide_id": slide_id, "patient_id": r.get("patient_id", ""), "fold": k,
+                                    "label": r.get("label", ""), "probability": f"{pred.probability:.6f}",
+                                    "predicted": pred.predicted, "threshold": f"{pred.threshold:.6f}",
+                                    "checkpoint": checkpoints[k].name})
+                recorded = r.get("probability")
+                if part == "student" and recorded and abs(float(recorded) - pred.probability) > 1e-3:
+                    drift.append(slide_id)
+            except NapariMilError as exc:
+                result.errors.append(str(exc))
+            done += 1
+            if progress is not None:
+                progress(OOFProgress(done, len(rows), slide_id, k))
+    if drift:
+        result.notes.append(f"{len(drift)} slide(s) ({', '.join(drift[:3])}{', ...' if len(drift) > 3 else ''}) get "
+                            "another probability than predictions.csv recorded: were the checkpoints or features "
+                            "changed after training?")
+    return result
