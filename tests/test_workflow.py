@@ -20,17 +20,17 @@ from napari_mil.training.trainer import load_checkpoint, save_checkpoint
 ENCODER = "toy"  # not the CLI's default encoder: predict must find it in the checkpoint
 
 
-def write_cohort(root, n=12, dim=8, seed=0):
+def write_cohort(root, n=12, dim=8, seed=0, sizes=(210, 260)):
     """n tiny random bags (positives carry a few shifted patches) under features_toy/, and labels.csv."""
     rng = np.random.default_rng(seed)
     rows = ["slide_id,patient_id,label"]
     for i in range(n):
         label = i % 2
-        size = int(rng.integers(12, 30))
+        size = int(rng.integers(*sizes))  # by default enough instances for MHIM-MIL's high-attention masks
         features = rng.normal(size=(size, dim)).astype(np.float32)
         if label:
-            features[:4] += 2.0
-        coords = np.stack([np.arange(size) % 6, np.arange(size) // 6], 1) * 256
+            features[:20] += 2.0
+        coords = np.stack([np.arange(size) % 16, np.arange(size) // 16], 1) * 256
         attrs = {"encoder": ENCODER, "patch_size_level0": 256, "patch_size": 256, "overlap": 0}
         FeatureBag(features, coords, attrs).save(feature_path(root, ENCODER, f"s{i:02d}"))
         rows.append(f"s{i:02d},p{i:02d},{label}")
@@ -274,7 +274,7 @@ def test_cross_validation_summary_warns_only_for_small_folds():
 
 
 def test_a_redirected_train_log_has_no_carriage_returns(tmp_path):
-    labels = write_cohort(tmp_path, n=8)
+    labels = write_cohort(tmp_path, n=8, sizes=(20, 40))
     log = tmp_path / "train.log"
     with open(log, "w") as fh:
         result = subprocess.run([sys.executable, "-m", "napari_mil.cli", "train", str(labels), "--features",
@@ -290,7 +290,7 @@ def test_a_redirected_train_log_has_no_carriage_returns(tmp_path):
 
 # ---- TransMIL's size ----------------------------------------------------------------------------------
 def test_transmil_size_from_the_command_line(tmp_path, capsys):
-    labels = write_cohort(tmp_path, n=8)
+    labels = write_cohort(tmp_path, n=8, sizes=(20, 40))
     args = ["train", str(labels), "--features", str(tmp_path), "--encoder", ENCODER, "--folds", "2", "--epochs", "1",
             "--model", "transmil", "-q"]
     assert main([*args, "--transmil-dim", "32", "--transmil-heads", "4", "--transmil-landmarks", "8",
