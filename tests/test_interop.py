@@ -3,8 +3,14 @@
 Each test builds a module with the official layer layout (attribute names and layer order as in
 those projects' model definitions), with a forward pass written here from the papers, saves its
 state dict the way that project saves checkpoints, and checks that napari-mil's model built
-from the file reproduces the logits and the attention. Nyström attention in the references is
-the `nystrom-attention` package, the implementation the official TransMIL code imports.
+from the file reproduces the logits and the attention.
+
+Nyström attention in the references is written here too (``ReferenceNystrom``), from the
+documented behaviour of the nystrom-attention package that the official TransMIL code imports,
+in both of its versions' output slicings: 0.0.9 (pinned by the official TransMIL, so its
+checkpoints depend on it) keeps the *first* n rows of the front-padded output, later versions
+and MHIM-MIL's vendored copy the *last* n. The package itself is only needed by the optional
+test that checks this reference against it.
 """
 
 from __future__ import annotations
@@ -21,37 +27,125 @@ from torch import nn
 
 from napari_mil.models.interop import ForeignCheckpointError, load_foreign_checkpoint, read_torch_checkpoint
 from napari_mil.models.transmil import NystromAttention as OwnNystrom
+from napari_mil.models.transmil import iterative_pinv
 
-nystrom_attention = pytest.importorskip("nystrom_attention")
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)  # the bags drawn in each test
 
 
-def _randomise(module: nn.Module, seed: int) -> nn.Module:
+def _randomise(module: nn.Module, seed: int, scale: float = 0.2) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return module.eval()
 
 
-# ---- Nyström attention against the reference implementation ------------------------------------
-@pytest.mark.parametrize("n", [37, 300])
-def test_nystrom_attention_matches_reference_package(n):
-    ours = _randomise(OwnNystrom(64, heads=4, dim_head=16, landmarks=32, dropout=0.0), 0)
-    ref = nystrom_attention.NystromAttention(dim=64, dim_head=16, heads=4, num_landmarks=32, pinv_iterations=6,
-                                             residual=True, residual_conv_kernel=33).eval()
+# ---- reference Nyström attention, both slicings ---------------------------------------------------
+def reference_pinv(a: torch.Tensor, iterations: int = 6) -> torch.Tensor:
+    """Razavi et al.'s iteration V <- V/4 (13I - AV (15I - AV (7I - AV))) from V0 = A^T / (largest
+    absolute row sum x largest absolute column sum), both taken over the whole tensor."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype)
+    v = a.transpose(-1, -2) / (a.abs().sum(-1).max() * a.abs().sum(-2).max())
+    for _ in range(iterations):
+        av = a @ v
+        v = 0.25 * v @ (13 * eye - av @ (15 * eye - av @ (7 * eye - av)))
+    return v
+
+
+class ReferenceNystrom(nn.Module):
+    """Nyström self-attention with the nystrom-attention package's parameter names (to_qkv without
+    bias, to_out = Linear + Dropout, res_conv = depthwise (kernel x 1) convolution over the values
+    of each head) and its computation: zeros padded at the front to a multiple of the landmarks;
+    queries scaled by dim_head^-1/2; landmarks the means of consecutive groups of queries and keys;
+    softmax(Q K_l^T) pinv(softmax(Q_l K_l^T)) softmax(Q_l K^T) V plus the residual convolution;
+    then ``keep="first"`` keeps the first n output rows (0.0.9), ``keep="last"`` the last n (0.0.10
+    and later). ``self.matrix`` keeps the last full (B, H, Np, Np) attention matrix."""
+
+    def __init__(self, dim, heads, dim_head, landmarks, keep, kernel=33):
+        super().__init__()
+        assert keep in ("first", "last")
+        self.heads, self.dim_head, self.landmarks, self.keep = heads, dim_head, landmarks, keep
+        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim), nn.Dropout(0.0))
+        self.res_conv = nn.Conv2d(heads, heads, (kernel, 1), padding=(kernel // 2, 0), groups=heads, bias=False)
+        self.matrix = None
+
+    def forward(self, x):
+        b, n, dim = x.shape
+        pad = -n % self.landmarks
+        x = torch.cat([x.new_zeros(b, pad, dim), x], 1)  # (B, Np, dim)
+        heads = lambda t: t.reshape(b, n + pad, self.heads, self.dim_head).permute(0, 2, 1, 3)  # noqa: E731
+        q, k, v = (heads(t) for t in self.to_qkv(x).split(self.heads * self.dim_head, -1))
+        q = q * self.dim_head**-0.5
+        group = (n + pad) // self.landmarks
+        q_l = q.unflatten(2, (self.landmarks, group)).sum(3) / group
+        k_l = k.unflatten(2, (self.landmarks, group)).sum(3) / group
+        s1, s2, s3 = (torch.softmax(a @ c.transpose(-1, -2), -1) for a, c in ((q, k_l), (q_l, k_l), (q_l, k)))
+        self.matrix = (s1 @ reference_pinv(s2)) @ s3  # (B, H, Np, Np)
+        out = self.matrix @ v + self.res_conv(v)
+        out = self.to_out(out.permute(0, 2, 1, 3).reshape(b, n + pad, self.heads * self.dim_head))
+        return out[:, :n] if self.keep == "first" else out[:, -n:]
+
+
+def test_pseudo_inverse_matches_the_reference():
+    a = torch.softmax(torch.randn(2, 4, 32, 32) * 3, -1)
+    for i in range(2):  # napari-mil scales per bag, the package over the whole batch: same for one bag
+        torch.testing.assert_close(iterative_pinv(a[i : i + 1]), reference_pinv(a[i : i + 1]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("keep", ["first", "last"])
+@pytest.mark.parametrize("n", [32, 37, 53, 300])  # padding 0, 27, 11 (residual window reaches real rows), 20
+def test_nystrom_attention_matches_the_reference(n, keep):
+    """Outputs equal the reference's in both slicings; the attention row is the reference matrix's
+    row whose output slot 0 receives (padded row `pad` for "last", 0 for "first"), over the real
+    tokens; outputs computed for the first slots only equal those of the full pass."""
+    ours = _randomise(OwnNystrom(64, heads=4, dim_head=16, landmarks=32, dropout=0.0, output_slice=keep), 0)
+    ref = ReferenceNystrom(64, 4, 16, 32, keep)
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(1, n, 64)
+    pad = -n % 32
     with torch.no_grad():
-        assert torch.allclose(ours(x)[0], ref(x), atol=1e-5)
+        out, row = ours(x)
+        torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(row, ref.matrix[:, :, pad if keep == "last" else 0, pad:], atol=1e-6, rtol=1e-4)
+        first_slots, row_again = ours(x, keep=3)  # (attn1 pinv) first: other rounding
+        torch.testing.assert_close(first_slots, out[:, :3], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(row_again, row, atol=1e-6, rtol=1e-4)
+    if pad:  # the two slicings really differ here
+        other = ReferenceNystrom(64, 4, 16, 32, "last" if keep == "first" else "first")
+        other.load_state_dict(ours.state_dict())
+        assert (other(x) - out).abs().max() > 1e-2
+
+
+def test_reference_matches_the_nystrom_attention_package():
+    """Optional: the reference above against the installed nystrom-attention package, in the
+    slicing of its version (0.0.9: first rows; later: last rows)."""
+    package = pytest.importorskip("nystrom_attention")
+    from importlib.metadata import version
+
+    keep = "first" if version("nystrom-attention") == "0.0.9" else "last"
+    ref = _randomise(ReferenceNystrom(64, 4, 16, 32, keep), 0)
+    theirs = package.NystromAttention(dim=64, dim_head=16, heads=4, num_landmarks=32, pinv_iterations=6,
+                                      residual=True, residual_conv_kernel=33).eval()
+    theirs.load_state_dict(ref.state_dict())
+    ours = OwnNystrom(64, heads=4, dim_head=16, landmarks=32, dropout=0.0, output_slice=keep).eval()
+    ours.load_state_dict(ref.state_dict())
+    for n in (32, 37, 300):
+        x = torch.randn(1, n, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(ref(x), theirs(x), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(ours(x)[0], theirs(x), atol=1e-5, rtol=1e-4)
 
 
 # ---- reference modules in the official layouts ----------------------------------------------------
-class _Layer(nn.Module):  # TransLayer: norm, then Nyström attention, residual
-    def __init__(self, dim):
+class _Layer(nn.Module):  # TransLayer: norm, then Nyström attention (heads 8, landmarks dim / 2), residual
+    def __init__(self, dim, keep):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.attn = nystrom_attention.NystromAttention(dim=dim, dim_head=dim // 8, heads=8, num_landmarks=dim // 2,
-                                                       pinv_iterations=6, residual=True)
+        self.attn = ReferenceNystrom(dim, 8, dim // 8, dim // 2, keep)
 
     def forward(self, x):
         return x + self.attn(self.norm(x))
@@ -71,14 +165,15 @@ def _grid(tokens, side):
 
 
 class OfficialTransMIL(nn.Module):
-    """Layout of szc19990412/TransMIL: _fc1, pos_layer, cls_token, layer1, layer2, norm, _fc2."""
+    """Layout of szc19990412/TransMIL: _fc1, pos_layer, cls_token, layer1, layer2, norm, _fc2;
+    its Nyström attention is nystrom-attention 0.0.9's (``keep="first"``)."""
 
-    def __init__(self, in_dim=48, dim=64, n_classes=3):
+    def __init__(self, in_dim=48, dim=64, n_classes=3, keep="first"):
         super().__init__()
         self.pos_layer = _PPEG(dim)
         self._fc1 = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.layer1, self.layer2 = _Layer(dim), _Layer(dim)
+        self.layer1, self.layer2 = _Layer(dim, keep), _Layer(dim, keep)
         self.norm = nn.LayerNorm(dim)
         self._fc2 = nn.Linear(dim, n_classes)
 
@@ -97,7 +192,7 @@ class _SelfAttentionEncoder(nn.Module):  # MHIM-MIL's TransMIL-style aggregator
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.layer1, self.layer2 = _Layer(dim), _Layer(dim)
+        self.layer1, self.layer2 = _Layer(dim, "last"), _Layer(dim, "last")  # MHIM-MIL's vendored copy: out[:, -n:]
         self.pos_embedding = _PPEG(dim)
 
     def forward(self, h):
@@ -193,18 +288,77 @@ def _save(obj, path):
 
 
 # ---- the layouts load and reproduce the outputs -----------------------------------------------------
-@pytest.mark.parametrize("n", [5, 50, 200])
+def _fold(row: torch.Tensor, n: int) -> torch.Tensor:
+    """A class-token attention row over 1 + side^2 tokens (class token first) -> per-instance
+    weights: the appended copies added to the first instances, clipped at 0, summing to 1."""
+    att = row[1 : n + 1].clone()
+    att[: row.shape[0] - 1 - n] += row[n + 1 :]
+    att = att.clamp_min(0)
+    return att / att.sum()
+
+
+@pytest.mark.parametrize("n", [5, 13, 20, 50, 200])  # front padding 22, 15, 6 (the residual window reaches real tokens), 31, 30
 def test_official_transmil_lightning_checkpoint(tmp_path, n):
+    """An official TransMIL checkpoint reproduces the official code's logits (nystrom-attention
+    0.0.9's first-rows slicing) to 1e-5; the per-instance attention is the row whose output the
+    class-token slot receives, padded row 0, over the real tokens in order."""
     ref = _randomise(OfficialTransMIL(), 1)
     ckpt = _save({"state_dict": {f"model.{k}": v for k, v in ref.state_dict().items()},
                   "hyper_parameters": _opaque_object(), "epoch": 7}, tmp_path / "epoch=7-val_loss=0.3.ckpt")
     model, meta = load_foreign_checkpoint(ckpt, feature_dim=48)
     assert (meta["model"], meta["layout"], meta["n_classes"]) == ("transmil", "TransMIL (official)", 3)
+    assert meta["model_cfg"]["output_slice"] == "first"
     x = torch.randn(1, n, 48)
     with torch.no_grad():
         out = model(x)
-        assert torch.allclose(out.logits, ref(x), atol=1e-4)
+        logits = ref(x)
+        torch.testing.assert_close(out.logits, logits, atol=1e-5, rtol=0)
+        later = OfficialTransMIL(keep="last")  # the same weights under the later versions' slicing
+        later.load_state_dict(ref.state_dict())
+        assert (later.eval()(x) - logits).abs().max() > 1e-3  # the slicing matters for these weights
     assert torch.allclose(out.attention.sum(1), torch.ones(1))
+    tokens = 1 + math.ceil(math.sqrt(n)) ** 2
+    pad = -tokens % 32
+    for layer, attn in ((0, ref.layer1.attn), (1, ref.layer2.attn)):  # their matrices from ref(x) above
+        model.attention_layer = layer
+        with torch.no_grad():
+            attention = model(x).attention[0]
+        expected = _fold(attn.matrix[0, :, 0, pad:].mean(0), n)  # padded row 0, real tokens from column pad
+        torch.testing.assert_close(attention, expected, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_official_transmil_default_size():
+    """The official size (1024-d features, 512-d, 8 heads, 256 landmarks) on a 600-instance bag
+    (626 tokens, padded to 768): the official code's logits to 1e-5."""
+    from napari_mil.models import create_model
+    from napari_mil.models.interop import convert_state_dict
+
+    ref = _randomise(OfficialTransMIL(in_dim=1024, dim=512, n_classes=2), 2, scale=0.05)
+    name, cfg, state, _ = convert_state_dict(ref.state_dict())
+    model = create_model(name, 1024, 2, **cfg).eval()
+    model.load_state_dict(state)
+    x = torch.randn(1, 600, 1024)
+    with torch.no_grad():
+        logits = ref(x)
+        torch.testing.assert_close(model(x).logits, logits, atol=1e-5, rtol=0)
+        model.layer1.attn.output_slice = model.layer2.attn.output_slice = "last"
+        assert (model(x).logits - logits).abs().max() > 1e-3
+
+
+def test_official_transmil_round_trips_through_a_napari_mil_checkpoint(tmp_path):
+    """The slicing is part of the model's configuration: saved as a napari-mil checkpoint and read
+    back, an official model still computes what the official code does."""
+    from napari_mil.training.trainer import load_checkpoint, save_checkpoint
+
+    ref = _randomise(OfficialTransMIL(), 3)
+    model, meta = load_foreign_checkpoint(_save(ref.state_dict(), tmp_path / "transmil.pt"))
+    save_checkpoint(tmp_path / "converted", model, {k: meta[k] for k in ("model", "model_cfg", "in_dim", "n_classes")})
+    again, meta_again = load_checkpoint(tmp_path / "converted")
+    assert meta_again["model_cfg"]["output_slice"] == "first" and again.layer2.attn.output_slice == "first"
+    x = torch.randn(1, 40, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, ref(x), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("version,baseline,gated", [("v1", "attn", False), ("v2", "attn", True),
@@ -214,16 +368,20 @@ def test_mhim_student_and_teacher(tmp_path, version, baseline, gated):
     teacher = _randomise(OfficialMHIM(version, baseline, gated), 3)
     ckpt = _save({"model": student.state_dict(), "teacher": teacher.state_dict(), "epoch": 40},
                  tmp_path / "fold_0_model_best.pt")
+    for n in (30, 31, 100):  # with the class token: 31, 32 (no front padding), 101 tokens
+        x = torch.randn(1, n, 48)
+        for part, ref in (("student", student), ("teacher", teacher)):
+            model, meta = load_foreign_checkpoint(ckpt, part=part)
+            assert meta["layout"].startswith(f"MHIM-MIL {version}")
+            if baseline == "selfattn":
+                assert meta["model_cfg"]["output_slice"] == "last"  # MHIM-MIL's vendored Nyström: out[:, -n:]
+            with torch.no_grad():
+                out = model(x)
+                logits, attention = ref(x)
+                torch.testing.assert_close(out.logits, logits, atol=1e-5, rtol=0, msg=part)
+                if attention is not None:
+                    assert torch.allclose(out.attention, attention, atol=1e-5)
     x = torch.randn(1, 30, 48)
-    for part, ref in (("student", student), ("teacher", teacher)):
-        model, meta = load_foreign_checkpoint(ckpt, part=part)
-        assert meta["layout"].startswith(f"MHIM-MIL {version}")
-        with torch.no_grad():
-            out = model(x)
-            logits, attention = ref(x)
-            assert torch.allclose(out.logits, logits, atol=1e-4), part
-            if attention is not None:
-                assert torch.allclose(out.attention, attention, atol=1e-5)
     # student and teacher really are different weights
     s, _ = load_foreign_checkpoint(ckpt, part="student")
     t, _ = load_foreign_checkpoint(ckpt, part="teacher")
@@ -261,6 +419,62 @@ def test_clam_sb(tmp_path, gated, data_parallel):
         out = model(x)
     assert torch.allclose(out.logits, logits, atol=1e-5)
     assert torch.allclose(out.attention, attention, atol=1e-6)
+
+
+def _clam_demo_state(gated: bool, seed: int) -> dict[str, torch.Tensor]:
+    """A state dict in the key layout of CLAM's heatmap demo checkpoint
+    (heatmaps/demo/ckpts/s_0_checkpoint.pt): CLAM-SB "small" (1024 -> 512, attention 256; with
+    dropout, so the attention network is attention_net.3) whose attention_net was wrapped in
+    DataParallel (``.module`` after its name), the instance classifiers, and the buffer of the
+    instance loss (its smooth SVM's class labels, int64)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = lambda *shape: torch.randn(*shape, generator=gen) * 0.05  # noqa: E731
+    net = "attention_net.module."
+    state = {f"{net}0.weight": w(512, 1024), f"{net}0.bias": w(512)}
+    if gated:  # the demo's
+        for branch in ("a", "b"):
+            state[f"{net}3.attention_{branch}.0.weight"], state[f"{net}3.attention_{branch}.0.bias"] = w(256, 512), w(256)
+        state[f"{net}3.attention_c.weight"], state[f"{net}3.attention_c.bias"] = w(1, 256), w(1)
+    else:  # CLAM's plain attention network names its layers `module` itself
+        state[f"{net}3.module.0.weight"], state[f"{net}3.module.0.bias"] = w(256, 512), w(256)
+        state[f"{net}3.module.3.weight"], state[f"{net}3.module.3.bias"] = w(1, 256), w(1)
+    state["classifiers.weight"], state["classifiers.bias"] = w(2, 512), w(2)
+    for i in range(2):
+        state[f"instance_classifiers.{i}.weight"], state[f"instance_classifiers.{i}.bias"] = w(2, 512), w(2)
+    state["instance_loss_fn.labels"] = torch.arange(2)
+    return state
+
+
+def _clam_reference(state, x, gated):
+    """CLAM-SB's forward from the weights: ReLU embedding, (gated) tanh attention, softmax over the
+    instances, attention pooling, bag classifier."""
+    p = lambda key: state["attention_net.module." + key]  # noqa: E731
+    h = torch.relu(x @ p("0.weight").T + p("0.bias"))  # (1, N, 512)
+    if gated:
+        a = torch.tanh(h @ p("3.attention_a.0.weight").T + p("3.attention_a.0.bias"))
+        b = torch.sigmoid(h @ p("3.attention_b.0.weight").T + p("3.attention_b.0.bias"))
+        scores = (a * b) @ p("3.attention_c.weight").T + p("3.attention_c.bias")
+    else:
+        scores = torch.tanh(h @ p("3.module.0.weight").T + p("3.module.0.bias")) @ p("3.module.3.weight").T + p("3.module.3.bias")
+    attention = torch.softmax(scores[..., 0], dim=1)  # (1, N)
+    return (attention @ h)[:, 0] @ state["classifiers.weight"].T + state["classifiers.bias"], attention
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_clam_heatmap_demo_checkpoint_layout(tmp_path, gated):
+    """CLAM's demo checkpoint layout loads, as CLAM's loader takes it (the `.module` of DataParallel
+    removed, the instance loss's entries dropped), and reproduces CLAM's logits and attention."""
+    state = _clam_demo_state(gated, 13)
+    ckpt = _save(state, tmp_path / "s_0_checkpoint.pt")
+    model, meta = load_foreign_checkpoint(ckpt, feature_dim=1024)
+    assert (meta["model"], meta["layout"]) == ("abmil_gated" if gated else "abmil", "CLAM-SB")
+    assert (meta["model_cfg"]["embed_dim"], meta["model_cfg"]["attn_dim"], meta["n_classes"]) == (512, 256, 2)
+    x = torch.randn(1, 300, 1024)
+    with torch.no_grad():
+        out = model(x)
+    logits, attention = _clam_reference(state, x, gated)
+    torch.testing.assert_close(out.logits, logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.attention, attention, atol=1e-7, rtol=1e-4)
 
 
 # ---- refusals ---------------------------------------------------------------------------------

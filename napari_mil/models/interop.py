@@ -10,17 +10,25 @@ Layouts recognised (key names read from each project's model definitions):
 
 - **TransMIL** (szc19990412/TransMIL, also MHIM-MIL's TransMIL baseline): ``_fc1``,
   ``cls_token``, ``layer1``/``layer2`` (Nyström attention), ``pos_layer`` (PPEG), ``norm``,
-  ``_fc2``; Lightning's ``state_dict`` with its ``model.`` prefix is unwrapped.
+  ``_fc2``; Lightning's ``state_dict`` with its ``model.`` prefix is unwrapped. The official
+  code pins nystrom-attention 0.0.9, which keeps the *first* n rows of the front-padded
+  attention output; its checkpoints are built with ``output_slice="first"`` to compute what
+  they were trained to compute (see ``napari_mil.models.transmil``).
 - **MHIM-MIL** (DearCaat/MHIM-MIL, ICCV 2023 release and MHIM-v2): ``{'model': student,
   'teacher': teacher}``; the embedding ``patch_to_emb`` (v1) or ``feature`` (v2), the
   aggregator ``online_encoder`` (ABMIL ``attention``, gated or not, bias-free; or TransMIL-style
-  self-attention whose PPEG sits on the instance tokens) and the ``predictor``.
+  self-attention whose PPEG sits on the instance tokens, and whose vendored Nyström attention
+  keeps the *last* n output rows, ``output_slice="last"``) and the ``predictor``.
 - **ABMIL baselines** of the MHIM-MIL code (its teacher initialisations): ``feature``,
   ``attention`` (or gated ``attention_a/b/c``), ``classifier``.
 - **CLAM-SB** (mahmoodlab/CLAM): ``attention_net`` (embedding, then the gated or plain
   attention network), ``classifiers``. The instance classifiers are used only for CLAM's
   training loss and are not needed for the slide prediction or the attention map; they are
-  dropped. CLAM-MB (one attention branch per class) is refused with a message.
+  dropped, as are the buffers of the instance loss (``instance_loss_fn.*``, e.g. the labels of
+  its smooth SVM loss). Older CLAM wrapped ``attention_net`` in DataParallel on multi-GPU
+  machines, so its files (the heatmap demo's ``s_0_checkpoint.pt`` among them) name
+  ``attention_net.module.0.weight``; that ``.module`` is removed, as CLAM's own loader does.
+  CLAM-MB (one attention branch per class) is refused with a message.
 
 Activations are not stored in a state dict. The defaults are each release's: ReLU embeddings
 and ReLU attention for MHIM-MIL v1 and for the ``--da_act`` default of v2, GELU embeddings for
@@ -105,11 +113,20 @@ def find_state_dict(obj, part: str = "student") -> tuple[dict[str, torch.Tensor]
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove DataParallel's ``module.`` and Lightning's ``model.`` prefixes when every key has one."""
+    """Remove DataParallel's ``module.`` and Lightning's ``model.`` prefixes when every key has one,
+    and the ``.module`` that DataParallel puts after the name of a wrapped submodule
+    (``attention_net.module.0.weight``) when every key under that name has it."""
     for prefix in ("module.", "model.", "module."):
         if all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
+    by_top: dict[str, list[str]] = {}
+    for key in state:
+        by_top.setdefault(key.split(".", 1)[0], []).append(key)
+    # only where *every* key has it: a submodule that is itself named `module` (CLAM's plain
+    # attention network: attention_net.3.module.0.weight) keeps its name
+    wrapped = {top for top, keys in by_top.items() if all(k.startswith(f"{top}.module.") for k in keys)}
+    return {(f"{top}.{key[len(top) + len('.module.'):]}" if (top := key.split(".", 1)[0]) in wrapped else key): value
+            for key, value in state.items()}
 
 
 # ---- layouts -----------------------------------------------------------------------------------
@@ -136,13 +153,15 @@ def _rename(state, rules: list[tuple[str, str]], drop: tuple[str, ...] = ()) -> 
 _NYSTROM = [(r"(layer[12])\.(norm\.(weight|bias)|attn\.(to_qkv\.weight|to_out\.0\.(weight|bias)|res_conv\.weight))", r"\g<0>")]
 
 
-def _transmil_cfg(state, prefix: str, fc1: str, embed_activation: str, positional: str) -> dict:
-    """Dimensions from the weights; landmarks are not stored, and both releases use dim // 2."""
+def _transmil_cfg(state, prefix: str, fc1: str, embed_activation: str, positional: str, output_slice: str) -> dict:
+    """Dimensions from the weights; landmarks are not stored, and both releases use dim // 2.
+    ``output_slice`` is the Nyström output rows the release kept: "first" for the official
+    TransMIL (nystrom-attention 0.0.9), "last" for MHIM-MIL's vendored copy."""
     dim = state[fc1].shape[0]
     heads = state[f"{prefix}layer1.attn.res_conv.weight"].shape[0]
     dim_head = state[f"{prefix}layer1.attn.to_qkv.weight"].shape[0] // (3 * heads)
     return {"dim": dim, "heads": heads, "dim_head": dim_head, "landmarks": dim // 2, "dropout": 0.0,
-            "embed_activation": embed_activation, "positional": positional}
+            "embed_activation": embed_activation, "positional": positional, "output_slice": output_slice}
 
 
 def _last_index(state, prefix: str) -> int:
@@ -174,7 +193,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], embed_activation: str | N
     state = _strip_prefixes(state)
     keys = set(state)
     if "_fc1.0.weight" in keys and "layer1.attn.to_qkv.weight" in keys:
-        cfg = _transmil_cfg(state, "", "_fc1.0.weight", embed_activation or "relu", "transmil")
+        cfg = _transmil_cfg(state, "", "_fc1.0.weight", embed_activation or "relu", "transmil", "first")
         rules = [(r"_fc1\.0\.(weight|bias)", r"fc1.0.\1"), (r"_fc2\.(weight|bias)", r"fc2.\1"),
                  (r"cls_token", "cls_token"), (r"norm\.(weight|bias)", r"norm.\1"),
                  (r"pos_layer\.proj[12]?\.(weight|bias)", r"\g<0>"), *_NYSTROM]
@@ -186,7 +205,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], embed_activation: str | N
         embed_rule = (rf"{re.escape(embed)}0\.(weight|bias)", r"fc1.0.\1")
         if "online_encoder.layer1.attn.to_qkv.weight" in keys:  # TransMIL-style self-attention
             cfg = _transmil_cfg(state, "online_encoder.", f"{embed}0.weight",
-                                embed_activation or ("relu" if version == "v1" else "gelu"), "mhim")
+                                embed_activation or ("relu" if version == "v1" else "gelu"), "mhim", "last")
             rules = [embed_rule, (r"predictor\.(weight|bias)", r"fc2.\1"),
                      (r"online_encoder\.cls_token", "cls_token"), (r"online_encoder\.norm\.(weight|bias)", r"norm.\1"),
                      (r"online_encoder\.pos_embedding\.(proj[12]?)\.(weight|bias)", r"pos_layer.\1.\2"),
