@@ -202,13 +202,16 @@ def cmd_train(args) -> int:
     from napari_mil.training.data import load_bags, patient_folds, read_labels
     from napari_mil.training.metrics import binary_metrics, cross_validation_summary
     from napari_mil.training.mhim import preset
-    from napari_mil.training.trainer import TrainConfig, predict_probs, train
+    from napari_mil.training.trainer import TrainConfig, mhim_bag_size_warnings, predict_probs, train
 
     try:
         model_cfg = _model_cfg(args)  # checked before the bags are read
         records = read_labels(args.labels)
         bags = load_bags(records, args.features, args.encoder)
-        mhim = preset(args.mhim, score=args.mhim_score) if args.mhim else None
+        overrides = {"mask_ratio_h": _fraction(args.mask_ratio_h, "--mask-ratio-h")} if args.mask_ratio_h is not None else {}
+        mhim = preset(args.mhim, score=args.mhim_score, **overrides) if args.mhim else None
+        if overrides and mhim is None:
+            raise NapariMilError("--mask-ratio-h changes an MHIM-MIL preset: give --mhim too")
     except (NapariMilError, KeyError) as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
@@ -219,9 +222,14 @@ def cmd_train(args) -> int:
         folds = patient_folds(bags, args.folds, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = TrainConfig(model=args.model, epochs=args.epochs, lr=args.lr, seed=args.seed, mhim=mhim, device=args.device,
-                      teacher_init=args.teacher_init)
-    cfg.model_cfg = model_cfg
+    cfg = TrainConfig(model=args.model, model_cfg=model_cfg, epochs=args.epochs, min_epochs=args.min_epochs,
+                      patience=args.patience, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
+                      normalisation=args.normalisation, bag_shift=args.bag_shift, seed=args.seed, mhim=mhim,
+                      device=args.device, teacher=args.teacher, teacher_init=args.teacher_init,
+                      init_student=args.init_student)
+    if mhim is not None and not args.quiet:
+        for warning in mhim_bag_size_warnings(mhim, bags):  # said at the start, not after hours of training
+            print(f"warning: {warning}", file=sys.stderr)
     rows, summary = [], {"folds": []}
     for k, fold in enumerate(folds):
         pick = lambda name: [bags[i] for i in fold[name]]  # noqa: E731
@@ -240,6 +248,9 @@ def cmd_train(args) -> int:
             print(f"error: fold {k + 1}: {exc}", file=sys.stderr)
             return 1
         bar.close()
+        for warning in result.warnings + (result.baseline.warnings if result.baseline else []):
+            if "mask" not in warning:  # the bag-size warnings were said at the start
+                print(f"warning: fold {k + 1}: {warning}", file=sys.stderr)
         test = pick("test")
         if test:
             probs, _ = predict_probs(result.model, test, next(result.model.parameters()).device)
@@ -254,7 +265,7 @@ def cmd_train(args) -> int:
                                  "threshold": result.threshold, "n_test": len(test),
                                  "n_test_by_class": [sum(b.label == c for b in test)
                                                      for c in range(max(b.label for b in bags) + 1)],
-                                 "val": result.val_metrics, "test": metrics})
+                                 "val": result.val_metrics, "test": metrics, "warnings": result.warnings})
         if not args.quiet and metrics:
             tqdm.write(f"fold {k + 1}: test AUC {metrics['auc']:.3f}, balanced accuracy {metrics['balanced_accuracy']:.3f} "
                        f"(threshold {result.threshold:.3f} from validation)")
@@ -276,6 +287,14 @@ def cmd_train(args) -> int:
             print(f"warning: {warning}", file=sys.stderr)
     _write_json(out / "summary.json", summary)
     return 0
+
+
+def _fraction(value: float, option: str) -> float:
+    import math
+
+    if not (math.isfinite(value) and 0 <= value <= 1):
+        raise NapariMilError(f"{option} must be a fraction between 0 and 1, not {value}")
+    return value
 
 
 def _model_cfg(args) -> dict:
@@ -560,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_grid_options(e)
     e.set_defaults(func=cmd_extract)
 
+    from napari_mil.training.trainer import TrainConfig  # the defaults shown by --help
+
+    d = TrainConfig()
     tr = sub.add_parser("train", help="train a MIL model (cross-validated) on extracted features")
     tr.add_argument("labels", help="CSV: slide_id,label[,patient_id,split]")
     tr.add_argument("--features", required=True, help="the folder holding features_<encoder>/")
@@ -576,9 +598,32 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how the MHIM-MIL teacher ranks instances: its attention, or MHIM-v2's class-aware score")
     tr.add_argument("--teacher-init", default=None, metavar="CKPT",
                     help="MHIM-MIL: start the teacher from this baseline checkpoint (napari-mil's or an official .pt)")
-    tr.add_argument("--folds", type=int, default=5, help="patient-level folds when the CSV has no split column")
-    tr.add_argument("--epochs", type=int, default=30)
-    tr.add_argument("--lr", type=float, default=2e-4)
+    tr.add_argument("--teacher", choices=("baseline", "fresh"), default=d.teacher,
+                    help="MHIM-MIL: where the teacher starts: a plain baseline trained first with the same settings "
+                         "(the official recipe), or a copy of the untrained student (default %(default)s)")
+    tr.add_argument("--init-student", choices=("fc", "all", "none"), default=d.init_student,
+                    help="MHIM-MIL: what the student takes from the baseline: its instance embedding (the official "
+                         "--init_stu_type=fc), everything, or nothing (default %(default)s)")
+    tr.add_argument("--mask-ratio-h", type=float, default=None, metavar="R",
+                    help="MHIM-MIL: override the preset's share of top-attention instances eligible for masking "
+                         "(small bags need more than the official 0.01-0.03)")
+    tr.add_argument("--folds", type=int, default=5, help="patient-level folds when the CSV has no split column "
+                    "(default %(default)s)")
+    tr.add_argument("--epochs", type=int, default=d.epochs, help="at most this many epochs (default %(default)s)")
+    tr.add_argument("--min-epochs", type=int, default=d.min_epochs,
+                    help="no early stopping and no model selection before this epoch (default %(default)s)")
+    tr.add_argument("--patience", type=int, default=d.patience,
+                    help="stop after this many epochs without a lower validation loss (default %(default)s)")
+    tr.add_argument("--lr", type=float, default=d.lr, help="Adam's learning rate (default %(default)s)")
+    tr.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default %(default)s)")
+    tr.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule,
+                    help="learning-rate schedule (default %(default)s)")
+    tr.add_argument("--normalisation", choices=("global", "slide", "none"), default=d.normalisation,
+                    help="feature normalisation fitted on the training bags and kept in the checkpoint "
+                         "(default %(default)s)")
+    tr.add_argument("--bag-shift", type=float, default=d.bag_shift,
+                    help="stain augmentation in feature space: a random offset per training bag, in standard "
+                         "deviations of the features (default %(default)s)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto")
     tr.add_argument("--out", "-o", required=True, help="folder for checkpoints, predictions.csv and summary.json")

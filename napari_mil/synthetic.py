@@ -53,12 +53,17 @@ class SyntheticSlide:
     tumour_fraction: float  # of the tissue area
     label: int  # 1 when any tumour is present
     pen_marks: bool
-    debris: bool
+    debris: bool  # debris specks (cartoon) or floaters (semi-real) on the glass
+    kind: str = "cartoon"  # or "semireal" (napari_mil.semireal)
+    difficulty: float | None = None  # semi-real: how subtle the lesion is, 0-1
+    mimic_mask_path: str = ""  # semi-real: inflammatory clusters, the lesion's mimics
+    fold: bool = False
+    stain: dict | None = None  # semi-real: the slide's stain changes
 
     @classmethod
     def load(cls, slide_path: str | os.PathLike) -> SyntheticSlide:
-        meta = Path(slide_path).with_suffix(".json")
-        return cls(**json.loads(meta.read_text()))
+        meta = json.loads(Path(slide_path).with_suffix(".json").read_text())
+        return cls(**{k: v for k, v in meta.items() if k in cls.__dataclass_fields__})
 
     def tissue_mask(self) -> np.ndarray:
         return _read_png(self.tissue_mask_path) > 127
@@ -68,6 +73,11 @@ class SyntheticSlide:
 
     def artefact_mask(self) -> np.ndarray:
         return _read_png(self.artefact_mask_path) > 127
+
+    def mimic_mask(self) -> np.ndarray:
+        if not self.mimic_mask_path:
+            return np.zeros_like(self.tissue_mask())
+        return _read_png(self.mimic_mask_path) > 127
 
 
 def _read_png(path: str) -> np.ndarray:
@@ -224,6 +234,66 @@ def _sharpen(alpha: np.ndarray) -> np.ndarray:
     return np.clip((alpha - 0.5) * 3.0 + 0.5, 0.0, 1.0)
 
 
+def write_pyramid(path: Path, render, rows: int, cols: int, tile: int, width: int, height: int, mpp: float,
+                  jpeg_quality: int = 80, workers: int | None = None) -> None:
+    """Write a pyramidal JPEG TIFF atomically from ``render(index) -> (tile, tile, 3) uint8``,
+    called for each tile in row-major order (rows are rendered in parallel threads, a row at a
+    time, which bounds the memory in flight). Levels downsample by 4 down to ~512 px."""
+    import tifffile
+    from PIL import Image
+
+    level_ds = [1]
+    while max(width, height) / (level_ds[-1] * 4) >= 512 and len(level_ds) < 6:
+        level_ds.append(level_ds[-1] * 4)
+    level1_ds = level_ds[1] if len(level_ds) > 1 else None
+    level1 = np.empty((rows * tile // level1_ds, cols * tile // level1_ds, 3), np.uint8) if level1_ds else None
+
+    def render_and_reduce(index: int) -> np.ndarray:
+        out = render(index)
+        if level1 is not None:
+            ty, tx = divmod(index, cols)
+            f = level1_ds
+            level1[ty * tile // f : (ty + 1) * tile // f, tx * tile // f : (tx + 1) * tile // f] = \
+                np.asarray(Image.fromarray(out).reduce(f))
+        return out
+
+    workers = workers or min(4, os.cpu_count() or 1)
+
+    def tiles():
+        with ThreadPoolExecutor(workers) as pool:
+            for r in range(rows):
+                yield from pool.map(render_and_reduce, range(r * cols, (r + 1) * cols))
+
+    tmp = path.with_name(path.name + ".tmp")
+    res = 1e4 / mpp  # pixels per centimetre
+    # RGB photometric interpretation, as Aperio writes: OpenSlide shows YCbCr JPEG tiles in wrong colours
+    options = dict(
+        photometric="rgb", compression="jpeg", compressionargs={"level": jpeg_quality}, resolutionunit="CENTIMETER"
+    )
+    with tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 2**31) as tw:
+        tw.write(
+            tiles(), shape=(height, width, 3), dtype=np.uint8, tile=(tile, tile),
+            resolution=(res, res), subfiletype=0, maxworkers=workers, **options,
+        )
+        if level1 is not None:
+            prev = level1[: height // level1_ds, : width // level1_ds]
+            for i, f in enumerate(level_ds[1:]):
+                if i > 0:
+                    h2, w2 = prev.shape[0] // 4 * 4, prev.shape[1] // 4 * 4
+                    prev = prev[:h2, :w2].reshape(h2 // 4, 4, w2 // 4, 4, 3).mean(axis=(1, 3)).astype(np.uint8)
+                tw.write(
+                    np.ascontiguousarray(prev), tile=(256, 256), resolution=(res / f, res / f),
+                    subfiletype=1, maxworkers=workers, **options,
+                )
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
 # ---- writer -----------------------------------------------------------------------------
 def make_synthetic_slide(
     path: str | os.PathLike,
@@ -244,8 +314,6 @@ def make_synthetic_slide(
     ``tumour_burden`` is the fraction of the tissue area that is tumour: 0 makes a
     tumour-free slide, values below 0.03 make one or two tiny round foci.
     """
-    import tifffile
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if width < tile or height < tile:
@@ -277,14 +345,6 @@ def make_synthetic_slide(
     n_bank = len(stroma_bank)
 
     rows, cols = math.ceil(height / tile), math.ceil(width / tile)
-    level_ds = [1]
-    while max(width, height) / (level_ds[-1] * 4) >= 512 and len(level_ds) < 6:
-        level_ds.append(level_ds[-1] * 4)
-    level1_ds = level_ds[1] if len(level_ds) > 1 else None
-    level1 = (
-        np.empty((rows * tile // level1_ds, cols * tile // level1_ds, 3), np.uint8) if level1_ds else None
-    )
-
     # per-pixel noise comes from random crops of one bank: drawing fresh normals per tile
     # would cost more than everything else in the tile
     noise_bank = rng.normal(0, 1.0, (2 * tile, 2 * tile, 1)).astype(np.float32)
@@ -319,43 +379,9 @@ def make_synthetic_slide(
                 s = _sharpen(_upsample(speck_f, y0, x0, tile, ds))[..., None]
                 img = img + s * (DEBRIS - img)
             img = img + 3.0 * noise
-        out = np.clip(img, 0, 255).astype(np.uint8)
-        if level1 is not None:
-            from PIL import Image
+        return np.clip(img, 0, 255).astype(np.uint8)
 
-            f = level1_ds
-            small = np.asarray(Image.fromarray(out).reduce(f))
-            level1[ty * tile // f : (ty + 1) * tile // f, tx * tile // f : (tx + 1) * tile // f] = small
-        return out
-
-    workers = workers or min(4, os.cpu_count() or 1)
-
-    def tiles():
-        with ThreadPoolExecutor(workers) as pool:
-            for r in range(rows):  # a row at a time bounds the memory in flight
-                yield from pool.map(render, range(r * cols, (r + 1) * cols))
-
-    tmp = path.with_name(path.name + ".tmp")
-    res = 1e4 / mpp  # pixels per centimetre
-    options = dict(
-        photometric="rgb", compression="jpeg", compressionargs={"level": jpeg_quality}, resolutionunit="CENTIMETER"
-    )
-    with tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 2**31) as tw:
-        tw.write(
-            tiles(), shape=(height, width, 3), dtype=np.uint8, tile=(tile, tile),
-            resolution=(res, res), subfiletype=0, maxworkers=workers, **options,
-        )
-        if level1 is not None:
-            prev = level1[: height // level1_ds, : width // level1_ds]
-            for i, f in enumerate(level_ds[1:]):
-                if i > 0:
-                    h2, w2 = prev.shape[0] // 4 * 4, prev.shape[1] // 4 * 4
-                    prev = prev[:h2, :w2].reshape(h2 // 4, 4, w2 // 4, 4, 3).mean(axis=(1, 3)).astype(np.uint8)
-                tw.write(
-                    np.ascontiguousarray(prev), tile=(256, 256), resolution=(res / f, res / f),
-                    subfiletype=1, maxworkers=workers, **options,
-                )
-    os.replace(tmp, path)
+    write_pyramid(path, render, rows, cols, tile, width, height, mpp, jpeg_quality, workers)
 
     stem = path.with_suffix("")
     tissue_png = Path(f"{stem}.tissue.png")
@@ -371,10 +397,7 @@ def make_synthetic_slide(
         tumour_fraction=float(tumour.sum() / max(tissue.sum(), 1)), label=int(tumour.any()),
         pen_marks=bool(pen.any()), debris=bool(specks.any()),
     )
-    meta = path.with_suffix(".json")
-    tmp_meta = meta.with_name(meta.name + ".tmp")
-    tmp_meta.write_text(json.dumps(asdict(info), indent=2))
-    os.replace(tmp_meta, meta)
+    _write_json(path.with_suffix(".json"), asdict(info))
     return info
 
 

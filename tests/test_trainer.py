@@ -108,7 +108,7 @@ def test_a_cancelled_training_lets_go_of_its_models(bags):
     import weakref
 
     held = {}
-    cfg = TrainConfig(epochs=3, mhim=preset("camelyon16_abmil"))
+    cfg = TrainConfig(epochs=3, mhim=preset("camelyon16_abmil"), teacher="fresh")
     with pytest.raises(TrainingCancelled) as caught:
         train(bags[:10], bags[10:], cfg, cancel=lambda: "model" in held,
               on_start=lambda model, mhim: held.update(model=weakref.ref(model), teacher=weakref.ref(mhim.teacher)))
@@ -226,8 +226,9 @@ def test_mhim_teacher_starts_from_a_baseline_checkpoint(bags, tmp_path):
     teacher = load_teacher(tmp_path / "mhim", meta)
     assert meta["teacher"] == "mhim_teacher" and torch.equal(teacher.embed[0].weight, base.model.embed[0].weight)
     assert load_teacher(tmp_path / "baseline", load_checkpoint(tmp_path / "baseline")[1]) is None
-    plain = train(bags[:10], bags[10:13], TrainConfig(epochs=1, seed=2, mhim=preset("camelyon16_abmil", mm=1.0)))
-    assert not torch.equal(plain.mhim.teacher.embed[0].weight, base.model.embed[0].weight)
+    fresh = train(bags[:10], bags[10:13], TrainConfig(epochs=1, seed=2, mhim=preset("camelyon16_abmil", mm=1.0),
+                                                      teacher="fresh"))
+    assert not torch.equal(fresh.mhim.teacher.embed[0].weight, base.model.embed[0].weight)
 
     with pytest.raises(CheckpointError, match="the teacher's baseline is a abmil"):
         train(bags[:10], bags[10:13], TrainConfig(model="transmil", epochs=1, mhim=preset("camelyon16_transmil"),
@@ -244,3 +245,79 @@ def test_a_validation_loss_that_is_never_finite_is_reported():
             for i in range(6)]
     with pytest.raises(NapariMilError, match="validation loss was never finite"):
         train(bags[:4], bags[4:], TrainConfig(epochs=2))
+
+
+def test_mhim_trains_its_baseline_first_by_default(bags, tmp_path):
+    """The official recipe: a plain baseline, then the teacher from it and the student's
+    embedding from it (init_stu_type=fc); the student's attention and classifier start fresh."""
+    starts, phases = [], []
+    cfg = TrainConfig(epochs=2, min_epochs=1, seed=3, mhim=preset("camelyon16_abmil", mm=1.0))
+    result = train(bags[:10], bags[10:13], cfg, checkpoint=tmp_path / "m",
+                   on_start=lambda model, mhim: starts.append(({k: v.clone() for k, v in model.state_dict().items()},
+                                                               mhim)),
+                   on_epoch=lambda r: phases.append(r.phase))
+    assert phases == ["baseline", "baseline", "train", "train"]
+    assert result.baseline is not None and starts[0][1] is None and starts[1][1] is result.mhim
+    baseline = result.baseline.model.state_dict()
+    for name, value in result.mhim.teacher.state_dict().items():  # mm = 1: the teacher is the baseline's best epoch
+        assert torch.equal(value, baseline[name]), name
+    student_start = starts[1][0]
+    assert torch.equal(student_start["embed.0.weight"], baseline["embed.0.weight"])  # fc from the baseline
+    assert not torch.equal(student_start["attn_w.weight"], baseline["attn_w.weight"])  # the rest fresh
+    assert (tmp_path / "m_baseline.safetensors").exists() and (tmp_path / "m_teacher.safetensors").exists()
+    # init_student="none": nothing of the baseline in the student
+    none = []
+    plain = train(bags[:10], bags[10:13], TrainConfig(epochs=1, min_epochs=1, seed=3, mhim=cfg.mhim, init_student="none"),
+                  on_start=lambda model, mhim: none.append(model.embed[0].weight.detach().clone()))
+    assert torch.equal(none[1], none[0])  # the student starts where the baseline started, untrained
+    assert not torch.equal(none[1], plain.baseline.model.embed[0].weight)
+
+
+def test_normalisation_is_fitted_on_training_bags_and_travels_in_the_checkpoint(bags, tmp_path):
+    from napari_mil.training.data import Bag
+    from napari_mil.training.normalise import FeatureNormaliser
+
+    train_bags, val_bags = bags[:10], bags[10:]
+    result = train(train_bags, val_bags, TrainConfig(epochs=1, min_epochs=1), checkpoint=tmp_path / "n")
+    stacked = np.concatenate([b.features for b in train_bags])
+    meta = json.loads((tmp_path / "n.json").read_text())
+    assert meta["normalisation"]["kind"] == "global"
+    np.testing.assert_allclose(meta["normalisation"]["mean"], stacked.mean(0), rtol=1e-4, atol=1e-6)
+    model, _ = load_checkpoint(tmp_path / "n", feature_dim=38)
+    np.testing.assert_allclose(predict_probs(model, val_bags, "cpu")[0], predict_probs(result.model, val_bags, "cpu")[0],
+                               rtol=1e-5)
+    # the model normalises raw features itself: the same as the bare network on normalised ones
+    normaliser = FeatureNormaliser.from_meta(meta["normalisation"], 38)
+    bare, _ = load_checkpoint(tmp_path / "n", feature_dim=38)
+    from napari_mil.training.normalise import detach
+
+    detach(bare)
+    scaled = [Bag(b.slide_id, b.label, b.patient_id, ((b.features - normaliser.mean) / normaliser.std).astype(np.float32),
+                  b.coords) for b in val_bags]
+    np.testing.assert_allclose(predict_probs(bare, scaled, "cpu")[0], predict_probs(model, val_bags, "cpu")[0],
+                               rtol=1e-4, atol=1e-6)
+    # statistics that do not fit: another length, or not finite
+    for bad in ({**meta["normalisation"], "mean": meta["normalisation"]["mean"][:-1]},
+                {**meta["normalisation"], "std": [0.0] * 38}, {"kind": "global"}):
+        (tmp_path / "n.json").write_text(json.dumps({**meta, "normalisation": bad}))
+        with pytest.raises(CheckpointError, match="normalis"):
+            load_checkpoint(tmp_path / "n", feature_dim=38)
+
+
+def test_a_run_that_does_not_learn_says_so():
+    from napari_mil.training.data import Bag
+
+    rng = np.random.default_rng(0)  # labels unrelated to the features: nothing to learn
+    noise = [Bag(f"s{i}", i % 2, f"p{i}", rng.normal(size=(20, 6)).astype(np.float32), np.zeros((20, 2)))
+             for i in range(16)]
+    result = train(noise[:12], noise[12:], TrainConfig(epochs=3, min_epochs=1, lr=1e-5))
+    assert any("did not learn" in w for w in result.warnings)
+
+
+def test_mhim_warns_when_bags_are_too_small_for_the_high_attention_mask(bags):
+    from napari_mil.training.trainer import mhim_bag_size_warnings
+
+    small = [b for b in bags if len(b.features) < 200]
+    warnings_ = mhim_bag_size_warnings(preset("camelyon16_abmil"), small)
+    assert len(warnings_) == 1 and "every training bag is too small" in warnings_[0] and "200" in warnings_[0]
+    assert mhim_bag_size_warnings(preset("camelyon16_abmil", mask_ratio_h=0.5), small) == []

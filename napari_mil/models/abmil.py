@@ -52,7 +52,7 @@ class ABMIL(nn.Module):
     attention layers, CLAM's attention network the paper's tanh with biases."""
 
     def __init__(self, in_dim: int, n_classes: int = 2, embed_dim: int = 128, attn_dim: int = 128,
-                 gated: bool = False, dropout: float = 0.0, embed_activation: str = "relu",
+                 gated: bool = False, dropout: float = 0.25, embed_activation: str = "relu",
                  attn_activation: str = "tanh", attn_bias: bool = True):
         super().__init__()
         self.embed = nn.Sequential(nn.Linear(in_dim, embed_dim), activation(embed_activation), nn.Dropout(dropout))
