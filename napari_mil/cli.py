@@ -494,12 +494,27 @@ def cmd_synthetic(args) -> int:
     from napari_mil.synthetic import make_cohort, make_synthetic_slide
 
     try:
-        if args.cohort:
-            csv_path = make_cohort(args.out, n_slides=args.cohort, seed=args.seed, width=args.width, height=args.height, mpp=args.mpp)
+        if args.semireal:
+            from napari_mil.semireal import make_semireal_cohort, make_semireal_slide
+
+            size = {"width": args.width or 7168, "height": args.height or 5632}
+            if args.cohort:
+                csv_path = make_semireal_cohort(args.out, n_slides=args.cohort, seed=args.seed, difficulty=args.difficulty,
+                                                **size)
+                print(f"wrote {args.cohort} semi-real slides and {csv_path}")
+            else:
+                info = make_semireal_slide(args.out, seed=args.seed, lesion_burden=args.tumour_burden,
+                                           difficulty=args.difficulty, pen_marks=args.pen_marks,
+                                           floaters=3 if args.debris else 0, **size)
+                print(f"wrote {info.path} (label {info.label}, lesion {info.tumour_fraction:.2%} of tissue, "
+                      f"difficulty {info.difficulty})")
+        elif args.cohort:
+            csv_path = make_cohort(args.out, n_slides=args.cohort, seed=args.seed, width=args.width or 16384,
+                                   height=args.height or 12288, mpp=args.mpp)
             print(f"wrote {args.cohort} slides and {csv_path}")
         else:
             info = make_synthetic_slide(
-                args.out, width=args.width, height=args.height, mpp=args.mpp, seed=args.seed,
+                args.out, width=args.width or 16384, height=args.height or 12288, mpp=args.mpp, seed=args.seed,
                 tumour_burden=args.tumour_burden, pen_marks=args.pen_marks, debris=args.debris,
             )
             print(f"wrote {info.path} (label {info.label}, tumour {info.tumour_fraction:.2%} of tissue)")
@@ -554,16 +569,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_grid_options(t)
     t.set_defaults(func=cmd_tile)
 
-    s = sub.add_parser("synthetic", help="write a synthetic H&E slide (or a cohort) with ground truth")
+    from napari_mil.semireal import DEFAULT_DIFFICULTY
+
+    s = sub.add_parser("synthetic", help="write a synthetic H&E slide (or a cohort) with ground truth",
+                       description="Cartoon slides (easy: every model separates them) or, with --semireal, slides "
+                                   "of real H&E texture with subtle nuclear-atypia lesions, stain variation and "
+                                   "mimics, for learning that is not trivial.")
     s.add_argument("out", help="output .tif (or a folder with --cohort)")
+    s.add_argument("--semireal", action="store_true", help="semi-real slides (napari_mil.semireal) instead of cartoons")
+    s.add_argument("--difficulty", type=float, default=DEFAULT_DIFFICULTY,
+                   help="semi-real: 0 obvious lesions, 1 none visible (default %(default)s, calibrated in "
+                        "docs/benchmarks.md)")
     s.add_argument("--cohort", type=int, default=0, help="write this many labelled slides and labels.csv")
-    s.add_argument("--width", type=int, default=16384)
-    s.add_argument("--height", type=int, default=12288)
-    s.add_argument("--mpp", type=float, default=0.25)
+    s.add_argument("--width", type=int, default=None,
+                   help="level-0 width (default 16384; semi-real 7168)")
+    s.add_argument("--height", type=int, default=None, help="level-0 height (default 12288; semi-real 5632)")
+    s.add_argument("--mpp", type=float, default=0.25, help="cartoon slides only (semi-real slides have CMU-1's 0.499)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--tumour-burden", type=float, default=0.15, help="tumour fraction of the tissue (0: none)")
+    s.add_argument("--tumour-burden", type=float, default=0.15, help="tumour (lesion) fraction of the tissue (0: none)")
     s.add_argument("--pen-marks", action="store_true")
-    s.add_argument("--debris", action="store_true")
+    s.add_argument("--debris", action="store_true", help="debris specks (semi-real: floaters)")
     s.set_defaults(func=cmd_synthetic)
 
     e = sub.add_parser("extract", help="encode the patches of slides into feature files (resumable, cached)")
