@@ -26,7 +26,6 @@ it (``SyntheticSlide``), with the lesion as the tumour mask, plus a mask of the 
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
 import os
@@ -49,6 +48,8 @@ from napari_mil.synthetic import (
     _upsample,
     _write_json,
     _write_png,
+    cohort_plan,
+    write_labels,
 )
 
 SOURCE_SLIDE = Path(__file__).resolve().parent / "data" / "CMU-1-Small-Region.svs"  # Aperio, freely redistributable
@@ -373,15 +374,7 @@ def make_semireal_cohort(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    n_pos = int(round(n_slides * positive_fraction))
-    labels = np.array([1] * n_pos + [0] * (n_slides - n_pos))
-    rng.shuffle(labels)
-    patient_of = np.empty(n_slides, int)
-    next_id = 0
-    for label in (1, 0):
-        members = np.flatnonzero(labels == label)
-        patient_of[members] = next_id + np.arange(len(members)) // 2
-        next_id += (len(members) + 1) // 2
+    labels, patient_of = cohort_plan(rng, n_slides, positive_fraction)
     lo, hi = np.log(burden_range[0]), np.log(burden_range[1])
     rows = []
     for i in range(n_slides):
@@ -399,11 +392,4 @@ def make_semireal_cohort(
                      "patient_id": f"patient_{patient_of[i]:03d}", "tumour_fraction": f"{info.tumour_fraction:.5f}"})
         if progress is not None:
             progress(i + 1, n_slides)
-    csv_path = folder / "labels.csv"
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, csv_path)
-    return csv_path
+    return write_labels(folder, rows)

@@ -401,6 +401,33 @@ def make_synthetic_slide(
     return info
 
 
+def cohort_plan(rng: np.random.Generator, n_slides: int, positive_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffled slide labels and patient numbers: slides of one label paired into patients, as
+    when a patient has two blocks scanned."""
+    n_pos = int(round(n_slides * positive_fraction))
+    labels = np.array([1] * n_pos + [0] * (n_slides - n_pos))
+    rng.shuffle(labels)
+    patient_of = np.empty(n_slides, int)
+    next_id = 0
+    for label in (1, 0):
+        members = np.flatnonzero(labels == label)
+        patient_of[members] = next_id + np.arange(len(members)) // 2
+        next_id += (len(members) + 1) // 2
+    return labels, patient_of
+
+
+def write_labels(folder: Path, rows: list[dict]) -> Path:
+    """``folder/labels.csv`` from the cohort's rows, atomically; returns its path."""
+    csv_path = folder / "labels.csv"
+    tmp = csv_path.with_name(csv_path.name + ".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, csv_path)
+    return csv_path
+
+
 def make_cohort(
     folder: str | os.PathLike,
     n_slides: int = 60,
@@ -420,15 +447,7 @@ def make_cohort(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    n_pos = int(round(n_slides * positive_fraction))
-    labels = np.array([1] * n_pos + [0] * (n_slides - n_pos))
-    rng.shuffle(labels)
-    patient_of = np.empty(n_slides, int)  # pair slides of the same label into patients
-    next_id = 0
-    for label in (1, 0):
-        members = np.flatnonzero(labels == label)
-        patient_of[members] = next_id + np.arange(len(members)) // 2
-        next_id += (len(members) + 1) // 2
+    labels, patient_of = cohort_plan(rng, n_slides, positive_fraction)
     rows = []
     lo, hi = np.log(burden_range[0]), np.log(burden_range[1])
     for i in range(n_slides):
@@ -443,11 +462,4 @@ def make_cohort(
             "slide_id": slide_id, "path": f"{slide_id}.tif", "label": info.label,
             "patient_id": f"patient_{patient_of[i]:03d}", "tumour_fraction": f"{info.tumour_fraction:.5f}",
         })
-    csv_path = folder / "labels.csv"
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, csv_path)
-    return csv_path
+    return write_labels(folder, rows)
