@@ -140,7 +140,7 @@ def configurations(slides_too_small: bool):
         out[name] = cfg
         out[f"{name} + MHIM"] = replace(cfg, mhim=preset("camelyon16_transmil" if name == "transmil" else "camelyon16_abmil"))
     if slides_too_small:
-        out["abmil + MHIM, mask_ratio_h 0.1"] = replace(plain["abmil"], mhim=preset("camelyon16_abmil", mask_ratio_h=0.1))
+        out["abmil + MHIM (mask_ratio_h 0.1)"] = replace(plain["abmil"], mhim=preset("camelyon16_abmil", mask_ratio_h=0.1))
     return out
 
 
