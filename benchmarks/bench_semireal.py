@@ -15,7 +15,7 @@ the test folds are never looked at in training. Three fold seeds; the model seed
 - MHIM-MIL: the official preset (camelyon16_abmil, camelyon16_transmil for TransMIL) with the
   default path: a plain baseline trained first on the same fold, the teacher and the student's
   embedding from it. Bags here have 108-215 patches, so the preset's 1% random-high mask masks
-  nothing (it needs 200); one more ABMIL row raises mask_ratio_h to 0.1 to mine hard instances.
+  nothing in most of them (it needs 200); one more ABMIL row raises mask_ratio_h to 0.1.
 - torchmil's ABMIL (att_dim 128, a Linear-ReLU 128-d feature extractor, BCE) on the same
   standardised features and folds, in a plain loop with the trainer's budget (Adam lr 1e-3,
   weight decay 1e-4, 40 epochs), the best validation-loss epoch kept.
@@ -176,7 +176,7 @@ def main() -> None:
 
     rows = {}
     names = args.only.split(",") if args.only else None
-    too_small = max(len(b.features) for b in all_bags) < 200
+    too_small = np.median([len(b.features) for b in all_bags]) < 200  # the preset's random-high mask needs 200
     for name, cfg in configurations(too_small).items():
         if names and name not in names:
             continue
@@ -218,8 +218,8 @@ def main() -> None:
         ratio = deep["trained_parameters"] / extreme["trained_parameters"]
         gap = (np.mean(deep["auc"]) - np.mean(extreme["auc"])) / np.mean(deep["auc"])
         report["extreme_vs_deep"] = {"parameter_ratio": ratio, "relative_auc_gap": gap}
-        print(f"\nExtreme vs deep ABMIL: {ratio:.1f}x fewer trained parameters (paper: 5x), mean AUC "
-              f"{gap:+.1%} below deep ABMIL (paper: within 1.5%)")
+        print(f"\nExtreme vs deep ABMIL: {ratio:.1f}x fewer trained parameters (paper: 5x); mean AUC "
+              f"{abs(gap):.1%} {'below' if gap > 0 else 'above'} deep ABMIL's (paper: within 1.5%)")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2, default=float))
 
