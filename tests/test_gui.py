@@ -219,3 +219,37 @@ def test_patch_larger_than_slide_and_magnification_above_scan(viewer, dock, qtbo
 def test_steps_out_of_order_say_what_is_missing(dock):
     assert dock.detect() is None and "open one first" in dock.status.value
     assert dock.tile() is None and "open one first" in dock.status.value
+
+
+@pytest.mark.slow
+def test_teaching_demo_finds_the_lesion(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """The README's main job from a fresh cache: the semi-real cohort and held-out slide are
+    written, the Retrain dock trains a baseline then MHIM-MIL, and the teacher's and the student's
+    attention both find the held-out slide's lesion, in the figures and in the screenshot."""
+    from scipy import ndimage
+
+    from napari_mil._napari._demo import TeachingDemo
+
+    monkeypatch.setenv("NAPARI_MIL_CACHE", str(tmp_path / "cache"))
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1600, 1000)
+    demo = TeachingDemo(viewer, snapshots=tmp_path / "out")
+    demo.start()
+    qtbot.waitUntil(lambda: demo.done, timeout=600_000)
+    assert demo.error is None, demo.error
+    summary = demo.write(tmp_path / "out")
+    held_out = summary["held_out"]
+    assert held_out["lesion_patches"] > 5
+    for part in ("teacher", "student"):
+        assert held_out[part]["positive"] and held_out[part]["localisation_auc"] > 0.9, held_out
+    assert [r["phase"] for r in summary["history"]][:2] == ["baseline", "baseline"]
+    assert summary["history"][-1]["phase"] == "train" and summary["history"][-1]["masked"] > 0.2
+    assert {"first_picture.png", "teacher_student.png", "retrain_curves.png"} <= set(summary["files"])
+    assert summary["timings_s"]["tiled_s"] < summary["timings_s"]["total_s"]
+    # the screenshot: the lesion's green outline, and the hottest attention colours beside it
+    shot = np.asarray(viewer.screenshot(canvas_only=True, flash=False))[..., :3].astype(int)
+    r, g, b = shot[..., 0], shot[..., 1], shot[..., 2]
+    outline = (g > 200) & (r < 120) & (b < 100)
+    hot = (r > 180) & (g > 90) & (b < 110) & ~outline  # inferno's orange to yellow
+    assert outline.mean() > 2e-4 and hot.sum() > 30
+    assert (hot & ndimage.binary_dilation(outline, iterations=12)).sum() > 0.4 * hot.sum()

@@ -91,6 +91,7 @@ def test_model_loads_checkpoints_and_shows_the_map(viewer, qtbot, with_features,
     wait_for(qtbot, model_dock, model_dock.infer())
     layer = viewer.layers[f"{state.slide.name} attention"]
     amap = state.attention
+    model.eval()  # as the dock predicts: no dropout
     with torch.no_grad():
         expected = model(torch.from_numpy(np.asarray(state.features.features, np.float32))[None])
     assert np.allclose(amap.values, expected.attention[0].numpy(), atol=1e-6)
@@ -231,10 +232,29 @@ def test_compare_says_what_is_missing(viewer, qtbot, with_features):
 
 @pytest.fixture(scope="module")
 def small_cohort(tmp_path_factory):
+    """Cartoon slides (napari_mil.synthetic): the dock's plumbing, not what it learns."""
     from napari_mil.synthetic import make_cohort
 
     root = tmp_path_factory.mktemp("cohort")
     return make_cohort(root, n_slides=10, seed=3, width=2560, height=2048, mpp=0.5, burden_range=(0.1, 0.4))
+
+
+def test_retrain_trains_as_the_cli_does(viewer):
+    """The dock's fields start at TrainConfig's defaults, and what it does not show stays at them."""
+    from napari_mil.training.trainer import TrainConfig
+
+    defaults = TrainConfig()
+    retrain = dock(viewer, "Retrain")
+    assert retrain.epochs.value == defaults.epochs and retrain.lr.value == pytest.approx(defaults.lr)
+    assert retrain.teacher.value == defaults.teacher == "baseline"
+    cfg = retrain.train_config()
+    for field in ("patience", "min_epochs", "normalisation", "schedule", "weight_decay", "bag_shift", "init_student"):
+        assert getattr(cfg, field) == getattr(defaults, field), field
+    assert cfg.mhim is not None and retrain._has_baseline_phase(cfg)
+    retrain.teacher.value = "fresh"
+    assert retrain.train_config().teacher == "fresh" and not retrain._has_baseline_phase(retrain.train_config())
+    retrain.use_mhim.value = False
+    assert retrain.train_config().mhim is None and not retrain.teacher.enabled and not retrain.preset.enabled
 
 
 def test_retrain_with_mhim_live_curves_and_maps(viewer, qtbot, small_cohort, tmp_path):
@@ -258,11 +278,26 @@ def test_retrain_with_mhim_live_curves_and_maps(viewer, qtbot, small_cohort, tmp
     retrain.preset.value = "tcga_abmil"  # one click fills the recipe
     assert retrain.mhim_fields["mask_ratio"].value == pytest.approx(0.7) and retrain.mm_schedule.value
     retrain.epochs.value = 3
-    wait_for(qtbot, retrain, retrain.train(), timeout=240_000)
+    before = len(notifications())
+    worker = retrain.train()
+    assert retrain.progress.max == 10 + 2 * 3  # the slides, then the baseline's and the student's epochs
+    wait_for(qtbot, retrain, worker, timeout=240_000)
     assert retrain.result is not None, retrain.status.value
-    assert [len(p.series.get("train", [])) for p in (retrain.loss_plot,)] == [3]
+    # the baseline (the teacher's start) trains first: its curves are series of their own
+    assert len(retrain.loss_plot.series["base"]) == len(retrain.loss_plot.series["base val"]) == 3
+    assert len(retrain.loss_plot.series["train"]) == len(retrain.loss_plot.series["val"]) == 3
+    assert len(retrain.auc_plot.series["baseline"]) == 3
+    assert retrain.result.baseline is not None and len(retrain.result.baseline.history) == 3
     assert len(retrain.mask_plot.series["masked"]) == 3 and retrain.mask_plot.series["masked"][0][1] > 0.5
+    assert retrain.epoch_label.value.startswith("MHIM-MIL epoch 3/3")
+    assert retrain.progress.value == retrain.progress.max
+    # the preset's high-attention mask masks nothing in bags this small: said before training
+    shown = notifications()[before:]
+    assert any("too small" in m and "mask_ratio_h" in m for m in shown), shown
+    assert "trained a baseline (3 epochs), then the MHIM-MIL student" in retrain.status.value
+    assert "warning: " in retrain.status.value  # the warnings stay in the status line
     assert (tmp_path / "models" / "abmil_retrained.safetensors").exists()
+    assert (tmp_path / "models" / "abmil_retrained_baseline.safetensors").exists()
     assert (tmp_path / "models" / "abmil_retrained_teacher.safetensors").exists()
     state = retrain.state
     assert state.teacher is not None and state.model_meta["encoder"] == "hne_stats"
@@ -332,10 +367,16 @@ def test_closing_the_viewer_mid_extraction_stops_it_cleanly(viewer, qtbot, tiled
 
 
 def test_closing_the_retrain_dock_mid_training_keeps_the_checkpoint(viewer, qtbot, small_cohort, tmp_path):
+    from dataclasses import replace
+
     retrain = dock(viewer, "Retrain")
     retrain.cohort.value = str(small_cohort)
     retrain.checkpoint_dir.value = str(tmp_path / "models")
     retrain.epochs.value = 500
+    retrain.teacher.value = "fresh"  # no baseline phase: the student's checkpoint from the first epoch
+    train_config = retrain.train_config
+    # a long run, whatever the early stopping (these bags are learned at once)
+    retrain.train_config = lambda: replace(train_config(), patience=10_000)
     retrain.train()
     qtbot.waitUntil(lambda: len(retrain.loss_plot.series.get("train", [])) >= 1, timeout=180_000)
     viewer.window.remove_dock_widget(retrain.native)

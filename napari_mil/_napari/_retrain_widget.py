@@ -1,9 +1,18 @@
 """The Retrain dock: train a MIL model, plainly or with MHIM-MIL, on a cohort CSV, with live
 curves, cancel and checkpoints; the teacher | student maps of the open slide refresh after
-every epoch, so the user watches them diverge."""
+every epoch, so the user watches them diverge.
+
+It trains as ``napari-mil train`` does: every setting it does not show (early stopping, the
+minimum number of epochs, feature normalisation, the schedule) is ``TrainConfig``'s default,
+and so are the epochs and learning rate it starts with. In MHIM-MIL mode with the teacher
+from a baseline (the default, the authors' recipe), a plain baseline trains first, for up to
+as many epochs again: its curves are drawn as series of their own, and the teacher | student
+maps appear once the MHIM-MIL phase starts (the baseline has no teacher)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,11 +42,29 @@ MHIM_LABELS = {"mask_ratio": "Random mask ratio", "mask_ratio_l": "Low mask rati
                "alpha": "Consistency weight", "temp_t": "Teacher temperature", "temp_s": "Student temperature"}
 
 
+@contextlib.contextmanager
+def leaving_a_core():
+    """Torch's intra-op threads limited to the cores less one while the block runs, then restored.
+
+    Training a MIL model steps one bag at a time: small operations, where all-core thread pools
+    gain little and lose much when another thread wants a core. In the viewer, the GUI thread
+    (and its software OpenGL) does: on two cores, epochs of the teaching demo took 0.5-3 s with
+    two torch threads against ~0.05 s with one, measured with another process busy on one core."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 2) - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @dataclass
 class TrainingUpdate:
     """What the training worker yields to the GUI thread."""
 
-    kind: str  # "cohort" (features ready for a slide), "epoch", "maps"
+    kind: str  # "cohort" (features ready for a slide), "warnings" (before training), "epoch" (report, maps)
     payload: Any
 
 
@@ -47,6 +74,7 @@ class RetrainWidget(DockBase):
         from napari_mil._napari._features_widget import default_feature_root
         from napari_mil.training.mhim import PRESETS, MHIMConfig
         from napari_mil.training.model_options import TRANSMIL_DEFAULTS
+        from napari_mil.training.trainer import TrainConfig
 
         self.cohort = FileEdit(label="Cohort CSV", mode="r", filter="*.csv",
                                tooltip="slide_id, label, path[, patient_id, split]")
@@ -61,6 +89,10 @@ class RetrainWidget(DockBase):
                                  tooltip="Nyström landmarks (more: closer to exact attention, slower)"),
         }
         self.use_mhim = CheckBox(text="MHIM-MIL (teacher and masked student)", value=True)
+        train_defaults = TrainConfig()
+        self.teacher = ComboBox(label="Teacher starts from", choices=["baseline", "fresh"], value=train_defaults.teacher,
+                                tooltip="baseline: a plain model trained first (the authors' recipe; training takes up "
+                                        "to twice the epochs); fresh: the student's random initialisation")
         self.preset = ComboBox(label="Official recipe", choices=["custom", *PRESETS], value="camelyon16_abmil")
         defaults = MHIMConfig()
         self.mhim_fields = {name: FloatSpinBox(label=MHIM_LABELS[name], value=getattr(defaults, name), min=0.0,
@@ -69,17 +101,22 @@ class RetrainWidget(DockBase):
                             for name in MHIM_FIELDS}
         self.mrh_schedule = CheckBox(text="cosine decay of h", value=False)
         self.mm_schedule = CheckBox(text="cosine momentum schedule", value=False)
-        self.epochs = SpinBox(label="Epochs", value=20, min=1, max=1000)
-        self.lr = FloatSpinBox(label="Learning rate", value=2e-4, min=1e-6, max=1.0, step=1e-5)
+        self.epochs = SpinBox(label="Epochs", value=train_defaults.epochs, min=1, max=1000,
+                              tooltip=f"at most, per phase: training stops when the validation loss has not improved "
+                                      f"for {train_defaults.patience} epochs (never before epoch "
+                                      f"{train_defaults.min_epochs})")
+        self.lr = FloatSpinBox(label="Learning rate", value=train_defaults.lr, min=1e-6, max=1.0, step=1e-5,
+                               tooltip=f"Adam's, with a {train_defaults.schedule} schedule")
         self.seed = SpinBox(label="Seed", value=0, min=0, max=10_000)
         self.checkpoint_dir = FileEdit(label="Checkpoint folder", mode="d", value=str(default_feature_root().parent / "models"))
         self.train_button = PushButton(text="Train")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(label="Progress", value=0, min=0, max=1)
         self.epoch_label = Label(value="")
+        self.epoch_label.native.setWordWrap(True)
         self.curves = Container(labels=False)
         self.extend([self.cohort, self.features_root, self.model_name, *self.transmil_fields.values(),
-                     self.use_mhim, self.preset,
+                     self.use_mhim, self.teacher, self.preset,
                      *self.mhim_fields.values(), self.mrh_schedule, self.mm_schedule, self.epochs, self.lr, self.seed,
                      self.checkpoint_dir, self.train_button, self.cancel_button, self.progress, self.epoch_label,
                      self.curves, self.status])
@@ -87,12 +124,16 @@ class RetrainWidget(DockBase):
         self.status.value = "Choose a cohort CSV (File > Open Sample > napari-mil > teaching demo writes one)."
         self.preset.changed.connect(self.apply_preset)
         self.model_name.changed.connect(self._show_model_options)
+        self.use_mhim.changed.connect(self._show_mhim_options)
         self.train_button.clicked.connect(self.train)
         self.cancel_button.clicked.connect(self.cancel)
         self.result = None
         self._training_cfg = None  # the configuration of the run under way (or last run)
+        self._n_slides = 0  # the run's slides: the progress bar's first steps
+        self._warned: list[str] = []  # warnings of the run under way already shown
         self.apply_preset(self.preset.value)
         self._show_model_options()
+        self._show_mhim_options()
         self.native.setMaximumWidth(460)
 
     def _make_plots(self) -> None:
@@ -118,6 +159,10 @@ class RetrainWidget(DockBase):
         self.model_name.value = "transmil" if name.endswith("transmil") else (
             self.model_name.value if self.model_name.value != "transmil" else "abmil")
 
+    def _show_mhim_options(self, *_) -> None:
+        for box in (self.teacher, self.preset, *self.mhim_fields.values(), self.mrh_schedule, self.mm_schedule):
+            box.enabled = self.use_mhim.value
+
     def _show_model_options(self, *_) -> None:
         for box in self.transmil_fields.values():
             box.visible = self.model_name.value == "transmil"
@@ -142,11 +187,17 @@ class RetrainWidget(DockBase):
         return replace(base, **values, mrh_schedule=self.mrh_schedule.value, mm_schedule=self.mm_schedule.value)
 
     def train_config(self):
+        """The dock's fields as a TrainConfig; what the dock does not show stays TrainConfig's
+        default (early stopping, normalisation...), as for ``napari-mil train``."""
         from napari_mil.training.trainer import TrainConfig
 
         return TrainConfig(model=self.model_name.value, model_cfg=self.model_cfg(), epochs=int(self.epochs.value),
                            lr=float(self.lr.value), seed=int(self.seed.value), mhim=self.mhim_config(),
-                           patience=int(self.epochs.value))
+                           teacher=self.teacher.value)
+
+    @staticmethod
+    def _has_baseline_phase(cfg) -> bool:
+        return cfg.mhim is not None and cfg.teacher == "baseline" and not cfg.teacher_init
 
     # ---- training ------------------------------------------------------------------------------
     def train(self):
@@ -166,7 +217,10 @@ class RetrainWidget(DockBase):
         self._cancel.clear()
         for plot in (self.loss_plot, self.auc_plot, self.mask_plot):
             plot.clear()
-        self.progress.max, self.progress.value = len(slides) + cfg.epochs, 0
+        self._n_slides, self._warned = len(slides), []
+        phases = 2 if self._has_baseline_phase(cfg) else 1
+        self.progress.max, self.progress.value = len(slides) + phases * cfg.epochs, 0
+        self.epoch_label.value = ""
         self.train_button.enabled, self.cancel_button.enabled = False, True
         self.status.value = f"preparing the features of {len(slides)} slides..."
         worker = create_worker(self._run, slides, cfg, Path(self.features_root.value), Path(self.checkpoint_dir.value),
@@ -181,10 +235,11 @@ class RetrainWidget(DockBase):
         from napari_mil.encoders import create_encoder
         from napari_mil.training.cohort import ensure_features
         from napari_mil.training.data import patient_folds
-        from napari_mil.training.trainer import train
+        from napari_mil.training.trainer import mhim_bag_size_warnings, train
 
         open_bag = self.state.features  # the open slide's features, for the live maps
 
+        @leaving_a_core()
         def run(report):
             encoder = create_encoder(encoder_name, device="auto")
             bags = ensure_features(slides, encoder, feature_root, progress=lambda p: report(TrainingUpdate("cohort", p)),
@@ -194,6 +249,7 @@ class RetrainWidget(DockBase):
             else:
                 fold = patient_folds(bags, k=5, seed=cfg.seed)[0]
                 pick = {name: [bags[i] for i in fold[name]] for name in ("train", "val")}
+            report(TrainingUpdate("warnings", mhim_bag_size_warnings(cfg.mhim, pick["train"]) if cfg.mhim else []))
             holder: dict = {}
 
             def on_epoch(epoch_report):
@@ -227,16 +283,43 @@ class RetrainWidget(DockBase):
             set_progress(self.progress, p.done)
             self.status.value = f"features {p.done}/{p.total}: {p.slide_id} ({'extracted' if p.extracted else 'cached'})"
             return
+        cfg = self._training_cfg
+        if update.kind == "warnings":
+            first = ("training a baseline first (the teacher's start), then the MHIM-MIL student"
+                     if self._has_baseline_phase(cfg) else "training")
+            self._warn(update.payload, f"{first}...")
+            return
         report, maps = update.payload
-        set_progress(self.progress, min(self.progress.max, self.progress.value + 1))
-        self.loss_plot.add("train", report.epoch, report.train_loss)
-        self.loss_plot.add("validation", report.epoch, report.val_loss)
-        self.auc_plot.add("validation", report.epoch, report.val_auc)
-        self.mask_plot.add("masked", report.epoch, report.mask_ratio)
-        self.epoch_label.value = (f"epoch {report.epoch}: loss {report.train_loss:.3f}, val loss {report.val_loss:.3f}, "
-                                  f"val AUC {report.val_auc:.3f}, {report.mask_ratio:.0%} masked, {report.seconds:.1f} s")
+        baseline = report.phase == "baseline"
+        # the bar: the slides' features, the baseline's epochs (all of them, however early it
+        # stopped, once the MHIM-MIL phase runs), then this phase's
+        done = self._n_slides + (cfg.epochs if self._has_baseline_phase(cfg) and not baseline else 0) + report.epoch
+        set_progress(self.progress, min(self.progress.max, done))
+        # the baseline's curves are series of their own, over the same epochs as the student's
+        # ("base": its training loss; names short enough for the legend to fit the dock)
+        self.loss_plot.add("base" if baseline else "train", report.epoch, report.train_loss)
+        self.loss_plot.add("base val" if baseline else "val", report.epoch, report.val_loss)
+        self.auc_plot.add("baseline" if baseline else "val", report.epoch, report.val_auc)
+        if not baseline:  # the baseline masks nothing
+            self.mask_plot.add("masked", report.epoch, report.mask_ratio)
+        phase = "baseline" if baseline else ("MHIM-MIL" if cfg.mhim is not None else "")
+        masked = "" if baseline or cfg.mhim is None else f", {report.mask_ratio:.0%} masked"
+        self.epoch_label.value = (f"{phase} epoch {report.epoch}/{cfg.epochs}: loss {report.train_loss:.3f}, "
+                                  f"val loss {report.val_loss:.3f}, val AUC {report.val_auc:.3f}{masked}, "
+                                  f"{report.seconds:.1f} s").lstrip()
         if maps is not None:
             self._show_maps(maps)
+
+    def _warn(self, warnings_: list[str], status: str) -> None:
+        """Show the warnings not shown yet in this run as napari warnings; the status line gets
+        ``status`` followed by every warning given."""
+        from napari.utils.notifications import show_warning
+
+        for message in warnings_:
+            if message not in self._warned:
+                self._warned.append(message)
+                show_warning(message)
+        self.status.value = status + "".join(f"\nwarning: {w}" for w in warnings_)
 
     def _show_maps(self, maps) -> None:
         compare = self._compare_dock()
@@ -267,8 +350,16 @@ class RetrainWidget(DockBase):
         state.mhim = self._training_cfg.mhim  # as trained, whatever the fields say now
         set_progress(self.progress, self.progress.max)
         auc = result.val_metrics.get("auc", float("nan"))
-        self._say(f"trained {result.best_epoch} epochs (best); validation AUC {auc:.3f}, threshold "
-                  f"{result.threshold:.2f}; checkpoint {result.checkpoint}")
+        trained = f"{len(result.history)} epochs, the best {result.best_epoch}"
+        if result.baseline is not None:
+            trained = (f"a baseline ({len(result.baseline.history)} epochs), then the MHIM-MIL student "
+                       f"({trained})")
+        summary = (f"trained {trained}; validation AUC {auc:.3f}, threshold {result.threshold:.2f}; "
+                   f"checkpoint {result.checkpoint}")
+        warnings_ = [*(result.baseline.warnings if result.baseline is not None else []), *result.warnings]
+        self._say(summary)
+        if warnings_:  # e.g. that the model did not learn: its maps mean little
+            self._warn(warnings_, summary)
         if state.teacher is not None and state.features is not None and state.slide is not None:
             compare = self._compare_dock()
             if compare is not None:
