@@ -128,7 +128,10 @@ class TeachingDemo:
     """The demo's steps, each started when the previous one's worker has finished."""
 
     def __init__(self, viewer, slide: str = "synthetic", epochs: int = DEMO_EPOCHS, snapshots: Path | None = None):
+        from napari_mil._napari._retrain_widget import spare_pool_threads
+
         self.viewer, self.slide, self.epochs, self.snapshots = viewer, slide, epochs, snapshots
+        spare_pool_threads()  # the demo runs workers of several docks at once
         self.docks = {name: viewer.window.add_plugin_dock_widget("napari-mil", name, tabify=True)[1]
                       for name in ("Slide & tissue", "Features", "Model", "Compare teacher | student", "Retrain")}
         self.t0 = time.perf_counter()
@@ -158,12 +161,8 @@ class TeachingDemo:
 
         from qtpy.QtCore import QTimer
 
-        # The cohort is awaited in a thread of its own, not in a napari worker: a worker would
-        # hold one of the threads of Qt's global pool (as many as the cores: 2 on a laptop) for
-        # the ~20 s the cohort takes. Qt converts the window's image for the screen on that pool
-        # while the GUI thread waits, holding the GIL; with the other pool thread in a dock's
-        # worker that needs the GIL (detecting the tissue), nothing could move again (seen
-        # under pytest-qt on 2 cores).
+        # The cohort is awaited in a thread of its own, not in a napari worker, which would hold
+        # a thread of Qt's global pool for the ~20 s it takes (see spare_pool_threads).
         executor = ThreadPoolExecutor(1, thread_name_prefix="napari-mil-demo-cohort")
         self._cohort_future = executor.submit(demo_cohort)
         executor.shutdown(wait=False)
@@ -235,8 +234,21 @@ class TeachingDemo:
         self.mark("trained_s")
         compare = self.docks["Compare teacher | student"]
         compare.native.parent().raise_()
-        worker = compare.compare()
-        self._then(compare, worker, self._finish)
+        if compare.busy:  # the Retrain dock has started comparing its best epoch's pair: wait for it
+            self._when_idle(compare, self._finish)
+        else:
+            self._then(compare, compare.compare(), self._finish)
+
+    def _when_idle(self, dock, step) -> None:
+        """Run ``step`` once ``dock`` has no worker running and no GUI steps left."""
+        from qtpy.QtCore import QTimer
+
+        if self.done:
+            return
+        if dock.busy:
+            QTimer.singleShot(50, lambda: self._when_idle(dock, step))
+        else:
+            step()
 
     def _finish(self) -> None:
         from napari.utils.notifications import show_info

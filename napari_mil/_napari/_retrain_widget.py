@@ -42,6 +42,21 @@ MHIM_LABELS = {"mask_ratio": "Random mask ratio", "mask_ratio_l": "Low mask rati
                "alpha": "Consistency weight", "temp_t": "Teacher temperature", "temp_s": "Student temperature"}
 
 
+def spare_pool_threads(at_least: int = 8) -> None:
+    """Give Qt's global thread pool spare threads.
+
+    napari's thread workers run on it, and it has as many threads as there are cores. Qt also
+    converts the window's image for the screen on it (a repaint of a window holding an OpenGL
+    canvas), while the GUI thread waits holding the GIL: when every pool thread was in a worker
+    that needed the GIL, the viewer froze for good. Seen on 2 cores with two workers at once
+    (the end of a training and the Compare dock's comparison it starts; the teaching demo's
+    cohort and tissue detection). Idle threads cost nothing."""
+    from qtpy.QtCore import QThreadPool
+
+    pool = QThreadPool.globalInstance()
+    pool.setMaxThreadCount(max(pool.maxThreadCount(), at_least))
+
+
 @contextlib.contextmanager
 def leaving_a_core():
     """Torch's intra-op threads limited to the cores less one while the block runs, then restored.
@@ -72,6 +87,8 @@ class RetrainWidget(DockBase):
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(napari_viewer)
         from napari_mil._napari._features_widget import default_feature_root
+
+        spare_pool_threads()  # its worker, then the Compare dock's, with the GUI drawing meanwhile
         from napari_mil.training.mhim import PRESETS, MHIMConfig
         from napari_mil.training.model_options import TRANSMIL_DEFAULTS
         from napari_mil.training.trainer import TrainConfig
