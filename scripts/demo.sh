@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job, the teaching demo: napari opens a held-out synthetic slide with ground truth,
-# trains an MHIM-MIL model on a small synthetic cohort with live curves, and shows the ground
-# truth, the teacher and the masked student side by side. Without a display it runs headless
+# The main job, the teaching demo: napari opens a held-out semi-real slide (real H&E texture, a
+# nuclear-atypia lesion with ground truth), trains MHIM-MIL on a small semi-real cohort with live
+# curves (a baseline first, the teacher from it), and shows the ground truth, the teacher and
+# the masked student side by side. Without a display it runs headless
 # under Xvfb and writes screenshots, exports and summary.json to demo_output/ (or the folder
 # given as the first argument).
 set -euo pipefail
