@@ -248,8 +248,10 @@ def cmd_train(args) -> int:
             print(f"error: fold {k + 1}: {exc}", file=sys.stderr)
             return 1
         bar.close()
+        # train() repeats the bag-size warnings of the fold's bags; their gist was said at the start
+        said = mhim_bag_size_warnings(mhim, pick("train")) if mhim is not None else []
         for warning in result.warnings + (result.baseline.warnings if result.baseline else []):
-            if "mask" not in warning:  # the bag-size warnings were said at the start
+            if warning not in said:
                 print(f"warning: fold {k + 1}: {warning}", file=sys.stderr)
         test = pick("test")
         if test:
