@@ -264,7 +264,7 @@ def main() -> None:
     results["layer_reads"] = r = bench_layer_reads(path, args.viewports)
     print(f"[2] napari layer reads: {r['layer_tiles_per_s']} tiles/s vs raw read_region {r['raw_tiles_per_s']} tiles/s "
           f"-> ratio {r['ratio_layer_to_raw']} ({r['tile_px'][0]} px tiles)")
-    from napari_mil._napari._sample_data import CMU1_PATH
+    from napari_mil.paths import CMU1_PATH
 
     results["layer_reads_cmu1"] = r = bench_layer_reads(CMU1_PATH, args.viewports, view=(768, 1024))
     print(f"    on the real CMU-1 slide: {r['layer_tiles_per_s']} vs {r['raw_tiles_per_s']} tiles/s "

@@ -115,7 +115,8 @@ def run_fold(bags, tumour, fold, name, mhim, standardise, args, seed, baseline: 
     writes) or "fresh" (the trainer's default teacher)."""
     from napari_mil.training.metrics import binary_metrics, choose_threshold
     from napari_mil.training.mhim import preset
-    from napari_mil.training.trainer import TrainConfig, save_checkpoint, train
+    from napari_mil.training.checkpoints import save_checkpoint
+    from napari_mil.training.trainer import TrainConfig, train
 
     if standardise:
         bags = standardised(bags, [bags[i] for i in fold["train"]])

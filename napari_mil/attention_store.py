@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_mil._h5 import plain_attr
+from napari_mil.atomic import atomic_path
 from napari_mil.errors import NapariMilError
 from napari_mil.heatmaps import AttentionMap, grid_geometry
 
@@ -44,22 +45,15 @@ def save_attention(path: str | os.PathLike, coords: np.ndarray, attention: np.nd
     attention = np.asarray(attention, np.float32).reshape(-1)
     if len(coords) != len(attention):
         raise AttentionFileError(f"{len(attention)} attention values for {len(coords)} patches")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as fh:
-            fh.create_dataset("coords", data=coords)
-            fh.create_dataset("attention", data=attention)
-            for key in GEOMETRY_KEYS:
-                if geometry and geometry.get(key) is not None:
-                    fh.attrs[key] = geometry[key]
-            for key, value in (attrs or {}).items():
-                if value is not None:
-                    fh.attrs[key] = value
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
+        fh.create_dataset("coords", data=coords)
+        fh.create_dataset("attention", data=attention)
+        for key in GEOMETRY_KEYS:
+            if geometry and geometry.get(key) is not None:
+                fh.attrs[key] = geometry[key]
+        for key, value in (attrs or {}).items():
+            if value is not None:
+                fh.attrs[key] = value
     return path
 
 

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from napari_mil import __version__
+from napari_mil.atomic import atomic_path, write_csv, write_json
 from napari_mil.errors import NapariMilError
 
 
@@ -78,10 +79,8 @@ def tile_one(path: Path, out: Path, args, mpp: float | None) -> tuple[int, float
         )
         grid.save(out / "patches" / f"{slide.name}.h5")
         preview = render_grid_preview(slide, mask, grid)
-        (out / "previews").mkdir(parents=True, exist_ok=True)
-        tmp = out / "previews" / f".{slide.name}.png.tmp"
-        Image.fromarray(preview).save(tmp, format="PNG")
-        tmp.replace(out / "previews" / f"{slide.name}.png")
+        with atomic_path(out / "previews" / f"{slide.name}.png") as tmp:
+            Image.fromarray(preview).save(tmp, format="PNG")
         return len(grid), mask.tissue_area_fraction
 
 
@@ -110,7 +109,7 @@ def cmd_tile(args) -> int:
             failures += 1
             rows.append({"slide": str(path), "patches": 0, "tissue_fraction": "", "error": str(exc)})
             tqdm.write(f"error: {exc}", file=sys.stderr)
-    _write_csv(out / "tiling_summary.csv", rows)
+    write_csv(out / "tiling_summary.csv", rows)
     return 1 if failures else 0
 
 
@@ -190,7 +189,7 @@ def cmd_extract(args) -> int:
         "parameters": {k: v for k, v in vars(args).items() if k not in ("func", "slides")},
         "slides": runs,
     }
-    _write_json(out / f"extract_manifest_{time.strftime('%Y%m%d-%H%M%S')}.json", manifest)
+    write_json(out / f"extract_manifest_{time.strftime('%Y%m%d-%H%M%S')}.json", manifest)
     return 1 if failures else 0
 
 
@@ -275,7 +274,7 @@ def cmd_train(args) -> int:
         labels = np.array([r["label"] for r in rows]) == max(b.label for b in bags)
         probs = np.array([float(r["probability"]) for r in rows])
         summary.update(cross_validation_summary(labels, probs, [r["fold"] for r in rows], n_boot=1000))
-        _write_csv(out / "predictions.csv", rows)
+        write_csv(out / "predictions.csv", rows)
         if not args.quiet:
             lo, hi = summary["pooled_test_auc_95ci"]
             pooled = "pooled out-of-fold test AUC" if len(folds) > 1 else "test AUC"
@@ -287,7 +286,7 @@ def cmd_train(args) -> int:
                       f"over {with_auc} folds")
         for warning in summary["warnings"]:
             print(f"warning: {warning}", file=sys.stderr)
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     return 0
 
 
@@ -318,7 +317,8 @@ def _model_cfg(args) -> dict:
 def cmd_predict(args) -> int:
     """Slide predictions and per-patch attention from a checkpoint, or out of fold (--oof)."""
     from napari_mil.features.store import FeatureBag, feature_path
-    from napari_mil.training.inference import checkpoint_encoder, load_for_prediction, predict_bag, write_prediction
+    from napari_mil.training.checkpoints import checkpoint_encoder, load_for_prediction
+    from napari_mil.training.inference import predict_bag, write_prediction
 
     if args.oof:
         return _predict_out_of_fold(args)
@@ -346,7 +346,7 @@ def cmd_predict(args) -> int:
             failures += 1
             print(f"error: {exc}", file=sys.stderr)
     if rows:
-        _write_csv(out / "predictions.csv", rows)
+        write_csv(out / "predictions.csv", rows)
         if not args.quiet:
             for r in rows:
                 print(f"{r['slide_id']}: p = {float(r['probability']):.3f} -> class {r['predicted']}")
@@ -379,7 +379,7 @@ def _predict_out_of_fold(args) -> int:
     for message in result.errors:
         print(f"error: {message}", file=sys.stderr)
     if result.rows:
-        _write_csv(Path(args.out) / "predictions.csv", result.rows)
+        write_csv(Path(args.out) / "predictions.csv", result.rows)
         if not args.quiet:
             for r in result.rows:
                 print(f"{r['slide_id']} (fold {r['fold']}): p = {float(r['probability']):.3f} -> class {r['predicted']}")
@@ -472,24 +472,6 @@ class _LogLines:
 
     def close(self):
         pass
-
-
-def _write_json(path: Path, data) -> None:
-    """Write JSON atomically (numpy scalars and paths become numbers and strings)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
-    tmp.replace(path)
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    """Write rows (dicts with the same keys) as CSV, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
 
 
 def cmd_synthetic(args) -> int:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from napari_mil.atomic import atomic_path
 from napari_mil.errors import NapariMilError
 from napari_mil.heatmaps import MASK_KINDS, AttentionMap
 
@@ -31,15 +31,9 @@ def _check_same_patches(maps: dict[str, AttentionMap]) -> AttentionMap:
 
 
 def _atomic(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def patch_table(maps: dict[str, AttentionMap]) -> tuple[list[str], list[np.ndarray]]:

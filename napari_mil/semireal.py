@@ -29,13 +29,13 @@ from __future__ import annotations
 import functools
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from napari_mil.paths import CMU1_PATH
 from napari_mil.synthetic import (
     BACKGROUND,
     MASK_DOWNSAMPLE,
@@ -52,7 +52,7 @@ from napari_mil.synthetic import (
     write_labels,
 )
 
-SOURCE_SLIDE = Path(__file__).resolve().parent / "data" / "CMU-1-Small-Region.svs"  # Aperio, freely redistributable
+SOURCE_SLIDE = CMU1_PATH  # Aperio, freely redistributable
 SOURCE_MPP = 0.499
 BLOCK = 256  # mosaic block: one 20x patch
 RUIFROK = np.array([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105], [0.268, 0.570, 0.776]], np.float32)

@@ -16,7 +16,6 @@ tissue ground truth, so tissue detection can be checked against them.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+
+from napari_mil.atomic import atomic_path, write_csv, write_text
 
 MASK_DOWNSAMPLE = 32  # ground-truth masks: one pixel per 32x32 level-0 pixels
 
@@ -90,9 +91,8 @@ def _read_png(path: str) -> np.ndarray:
 def _write_png(path: Path, mask: np.ndarray) -> None:
     from PIL import Image
 
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray((mask > 0).astype(np.uint8) * 255).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray((mask > 0).astype(np.uint8) * 255).save(tmp, format="PNG")
 
 
 # ---- ground-truth fields ------------------------------------------------------------------
@@ -264,34 +264,31 @@ def write_pyramid(path: Path, render, rows: int, cols: int, tile: int, width: in
             for r in range(rows):
                 yield from pool.map(render_and_reduce, range(r * cols, (r + 1) * cols))
 
-    tmp = path.with_name(path.name + ".tmp")
     res = 1e4 / mpp  # pixels per centimetre
     # RGB photometric interpretation, as Aperio writes: OpenSlide shows YCbCr JPEG tiles in wrong colours
     options = dict(
         photometric="rgb", compression="jpeg", compressionargs={"level": jpeg_quality}, resolutionunit="CENTIMETER"
     )
-    with tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 2**31) as tw:
-        tw.write(
-            tiles(), shape=(height, width, 3), dtype=np.uint8, tile=(tile, tile),
-            resolution=(res, res), subfiletype=0, maxworkers=workers, **options,
-        )
-        if level1 is not None:
-            prev = level1[: height // level1_ds, : width // level1_ds]
-            for i, f in enumerate(level_ds[1:]):
-                if i > 0:
-                    h2, w2 = prev.shape[0] // 4 * 4, prev.shape[1] // 4 * 4
-                    prev = prev[:h2, :w2].reshape(h2 // 4, 4, w2 // 4, 4, 3).mean(axis=(1, 3)).astype(np.uint8)
-                tw.write(
-                    np.ascontiguousarray(prev), tile=(256, 256), resolution=(res / f, res / f),
-                    subfiletype=1, maxworkers=workers, **options,
-                )
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        with tifffile.TiffWriter(tmp, bigtiff=width * height * 3 > 2**31) as tw:
+            tw.write(
+                tiles(), shape=(height, width, 3), dtype=np.uint8, tile=(tile, tile),
+                resolution=(res, res), subfiletype=0, maxworkers=workers, **options,
+            )
+            if level1 is not None:
+                prev = level1[: height // level1_ds, : width // level1_ds]
+                for i, f in enumerate(level_ds[1:]):
+                    if i > 0:
+                        h2, w2 = prev.shape[0] // 4 * 4, prev.shape[1] // 4 * 4
+                        prev = prev[:h2, :w2].reshape(h2 // 4, 4, w2 // 4, 4, 3).mean(axis=(1, 3)).astype(np.uint8)
+                    tw.write(
+                        np.ascontiguousarray(prev), tile=(256, 256), resolution=(res / f, res / f),
+                        subfiletype=1, maxworkers=workers, **options,
+                    )
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2))
 
 
 # ---- writer -----------------------------------------------------------------------------
@@ -418,14 +415,7 @@ def cohort_plan(rng: np.random.Generator, n_slides: int, positive_fraction: floa
 
 def write_labels(folder: Path, rows: list[dict]) -> Path:
     """``folder/labels.csv`` from the cohort's rows, atomically; returns its path."""
-    csv_path = folder / "labels.csv"
-    tmp = csv_path.with_name(csv_path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, csv_path)
-    return csv_path
+    return write_csv(folder / "labels.csv", rows)
 
 
 def make_cohort(

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_mil._h5 import plain_attr
+from napari_mil.atomic import atomic_path
 from napari_mil.errors import GridError, NoTissueError
 from napari_mil.slide.base import Slide
 from napari_mil.tissue import TissueMask
@@ -78,20 +79,12 @@ class PatchGrid:
         """Write the grid to HDF5 atomically (a temporary file renamed into place)."""
         import h5py
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with h5py.File(tmp, "w") as fh:
-                ds = fh.create_dataset("coords", data=self.coords.astype(np.int64))
-                for key, value in self.attrs().items():
-                    ds.attrs[key] = value
-                fh.create_dataset("tissue_fraction", data=self.tissue_fraction.astype(np.float32))
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
+            ds = fh.create_dataset("coords", data=self.coords.astype(np.int64))
+            for key, value in self.attrs().items():
+                ds.attrs[key] = value
+            fh.create_dataset("tissue_fraction", data=self.tissue_fraction.astype(np.float32))
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, slide: Slide | None = None) -> PatchGrid:

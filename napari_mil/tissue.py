@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from napari_mil.atomic import atomic_path
 from napari_mil.errors import NoTissueError
 from napari_mil.slide.base import Slide
 
@@ -60,14 +61,11 @@ class TissueMask:
         """Write the mask as a PNG (255 = tissue), atomically, with the scale in its text chunk."""
         from PIL import Image, PngImagePlugin
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         info = PngImagePlugin.PngInfo()
         info.add_text("napari_mil.downsample", f"{self.downsample[0]!r},{self.downsample[1]!r}")
-        tmp = path.with_name(path.name + ".tmp")
-        Image.fromarray(self.mask.astype(np.uint8) * 255).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-        return path
+        with atomic_path(path) as tmp:
+            Image.fromarray(self.mask.astype(np.uint8) * 255).save(tmp, format="PNG", pnginfo=info)
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, slide_dimensions: tuple[int, int] | None = None) -> TissueMask:

@@ -7,7 +7,7 @@ import torch  # noqa: F401
 import numpy as np
 import pytest
 
-from napari_mil._napari._sample_data import CMU1_PATH
+from napari_mil.paths import CMU1_PATH
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,7 +4,6 @@ import csv
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import h5py
 import pytest

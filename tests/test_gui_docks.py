@@ -78,7 +78,7 @@ def test_model_loads_checkpoints_and_shows_the_map(viewer, qtbot, with_features,
     import torch
 
     from napari_mil.models import create_model
-    from napari_mil.training.trainer import save_checkpoint
+    from napari_mil.training.checkpoints import save_checkpoint
 
     state = with_features
     torch.manual_seed(0)
@@ -113,7 +113,7 @@ def test_model_loads_checkpoints_and_shows_the_map(viewer, qtbot, with_features,
 
 def test_model_refuses_what_does_not_fit(viewer, qtbot, with_features, tmp_path):
     from napari_mil.models import create_model
-    from napari_mil.training.trainer import save_checkpoint
+    from napari_mil.training.checkpoints import save_checkpoint
 
     model_dock = dock(viewer, "Model")
     assert model_dock.infer() is None and "no model yet" in model_dock.status.value

@@ -349,7 +349,7 @@ def test_official_transmil_default_size():
 def test_official_transmil_round_trips_through_a_napari_mil_checkpoint(tmp_path):
     """The slicing is part of the model's configuration: saved as a napari-mil checkpoint and read
     back, an official model still computes what the official code does."""
-    from napari_mil.training.trainer import load_checkpoint, save_checkpoint
+    from napari_mil.training.checkpoints import load_checkpoint, save_checkpoint
 
     ref = _randomise(OfficialTransMIL(), 3)
     model, meta = load_foreign_checkpoint(_save(ref.state_dict(), tmp_path / "transmil.pt"))

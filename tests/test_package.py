@@ -88,3 +88,16 @@ def test_built_wheel_ships_the_manifest(tmp_path):
         manifest = yaml.safe_load(zf.read("napari_mil/napari.yaml"))
     assert "napari-mil = napari_mil:napari.yaml" in entry_points
     assert manifest["name"] == "napari-mil"
+
+
+def test_reader_patterns_and_file_dialog_list_the_extensions_the_reader_opens():
+    """One list of slide extensions: the manifest's reader patterns and the Slide dock's file
+    filter are SLIDE_FILE_PATTERNS, which covers every extension ``is_slide_path`` accepts."""
+    from napari_mil.slide.base import SLIDE_EXTENSIONS, SLIDE_FILE_PATTERNS, is_slide_path
+
+    raw = yaml.safe_load((ROOT / "napari.yaml").read_text())
+    readers = raw["contributions"]["readers"]
+    assert len(readers) == 1
+    assert set(readers[0]["filename_patterns"]) == set(SLIDE_FILE_PATTERNS)
+    assert all(any(f"slide{ext}".endswith(p[1:]) for p in SLIDE_FILE_PATTERNS) for ext in SLIDE_EXTENSIONS)
+    assert all(is_slide_path(f"slide{p[1:]}") for p in SLIDE_FILE_PATTERNS)

@@ -12,15 +12,8 @@ from napari_mil.features.store import FeatureBag, feature_path
 from napari_mil.training.data import CohortError, load_bags, patient_folds, read_labels
 from napari_mil.training.metrics import roc_auc
 from napari_mil.training.mhim import preset
-from napari_mil.training.trainer import (
-    CheckpointError,
-    TrainConfig,
-    TrainingCancelled,
-    load_checkpoint,
-    load_teacher,
-    predict_probs,
-    train,
-)
+from napari_mil.training.checkpoints import CheckpointError, load_checkpoint, load_teacher
+from napari_mil.training.trainer import TrainConfig, TrainingCancelled, predict_probs, train
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +233,7 @@ def test_mhim_teacher_starts_from_a_baseline_checkpoint(bags, tmp_path):
 def test_a_validation_loss_that_is_never_finite_is_reported():
     from napari_mil.training.data import Bag
 
-    rng = np.random.default_rng(0)
+    np.random.default_rng(0)
     bags = [Bag(f"s{i}", i % 2, f"p{i}", np.full((5, 4), np.inf, np.float32), np.zeros((5, 2)))
             for i in range(6)]
     with pytest.raises(NapariMilError, match="validation loss was never finite"):

@@ -15,7 +15,7 @@ from napari_mil.cli import main
 from napari_mil.features.store import FeatureBag, feature_path
 from napari_mil.training.data import CohortError, read_labels
 from napari_mil.training.metrics import cross_validation_summary, roc_auc
-from napari_mil.training.trainer import load_checkpoint, save_checkpoint
+from napari_mil.training.checkpoints import load_checkpoint, save_checkpoint
 
 ENCODER = "toy"  # not the CLI's default encoder: predict must find it in the checkpoint
 

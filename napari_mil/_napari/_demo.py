@@ -23,6 +23,8 @@ import json
 import time
 from pathlib import Path
 
+from napari_mil.atomic import write_json
+
 # Semi-real slides (napari_mil.semireal) at 0.5 µm/px, 256 px patches at 20x. The cohort: 24
 # slides of 5120x3840 (bags of about 50-110 patches), half with a lesion on 5-30% of the tissue,
 # a little easier than the default difficulty (0.5) so that a couple of minutes of CPU teach
@@ -49,7 +51,7 @@ LESION_COVER = 0.5  # a patch counts as lesion when the ground truth covers at l
 
 
 def demo_folder() -> Path:
-    from napari_mil._napari._sample_data import cache_dir
+    from napari_mil.paths import cache_dir
 
     key = hashlib.sha1(json.dumps(["semireal", DEMO_COHORT, DEMO_SLIDE]).encode()).hexdigest()[:10]
     return cache_dir() / f"teaching_demo_{key}"
@@ -303,7 +305,7 @@ class TeachingDemo:
             "timings_s": self.timings, "error": self.error,
             "files": sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()),
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(out / "summary.json", summary)
         return summary
 
 

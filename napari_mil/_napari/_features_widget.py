@@ -10,24 +10,12 @@ from typing import TYPE_CHECKING
 from magicgui.widgets import ComboBox, FileEdit, Label, ProgressBar, PushButton, SpinBox
 
 from napari_mil._napari._widgets import DockBase, set_progress
+from napari_mil.devices import available_devices
 from napari_mil.errors import NapariMilError
+from napari_mil.paths import default_feature_root
 
 if TYPE_CHECKING:
     import napari
-
-
-def default_feature_root() -> Path:
-    """Where the docks keep features unless told otherwise: the user cache folder."""
-    from napari_mil._napari._sample_data import cache_dir
-
-    return cache_dir() / "features"
-
-
-def device_choices() -> list[str]:
-    import torch
-
-    return ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (
-        ["mps"] if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else [])
 
 
 class FeaturesWidget(DockBase):
@@ -35,11 +23,11 @@ class FeaturesWidget(DockBase):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(napari_viewer)
-        from napari_mil.encoders import list_encoders
+        from napari_mil.encoders import DEFAULT_ENCODER, list_encoders
 
-        self.encoder = ComboBox(label="Encoder", choices=[spec.name for spec in list_encoders()], value="hne_stats",
+        self.encoder = ComboBox(label="Encoder", choices=[spec.name for spec in list_encoders()], value=DEFAULT_ENCODER,
                                 tooltip="hne_stats and random_cnn run offline; foundation models need their weights")
-        self.device = ComboBox(label="Device", choices=device_choices(), value="auto")
+        self.device = ComboBox(label="Device", choices=available_devices(), value="auto")
         self.batch_size = SpinBox(label="Batch size", value=64, min=1, max=4096)
         self.workers = SpinBox(label="Reading workers", value=min(4, max(0, (os.cpu_count() or 2) - 1)), min=0, max=32)
         self.out = FileEdit(label="Feature folder", mode="d", value=str(default_feature_root()))

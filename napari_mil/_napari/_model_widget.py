@@ -19,22 +19,6 @@ MODEL_CHOICES = [("ABMIL", "abmil"), ("gated ABMIL", "abmil_gated"), ("Extreme A
 CHECKPOINT_FILTER = "*.json *.safetensors *.pt *.pth *.ckpt *.bin"
 
 
-def load_model_and_teacher(path: Path, part: str, feature_dim: int | None):
-    """(model, meta, teacher or None): an MHIM-MIL run's teacher comes along when the file has one."""
-    from napari_mil.training.trainer import FOREIGN_SUFFIXES, load_checkpoint, load_teacher
-
-    model, meta = load_checkpoint(path, feature_dim=feature_dim, part=part)
-    if path.suffix in FOREIGN_SUFFIXES:
-        teacher = None
-        if part == "student":
-            try:
-                teacher, _ = load_checkpoint(path, feature_dim=feature_dim, part="teacher")
-            except NapariMilError:  # plain training: no teacher in the file
-                teacher = None
-        return model, meta, teacher
-    return model, meta, load_teacher(path, meta)
-
-
 class ModelWidget(DockBase):
     """Choose the model, load a checkpoint, run inference on the slide."""
 
@@ -64,6 +48,8 @@ class ModelWidget(DockBase):
             return None
         features = self.state.features
         self.status.value = f"loading {path.name}..."
+        from napari_mil.training.checkpoints import load_model_and_teacher
+
         worker = create_worker(load_model_and_teacher, path, self.part.value,
                                features.dim if features is not None else None, _ignore_errors=True)
         return self._start(worker, lambda result: self._loaded(path, *result))

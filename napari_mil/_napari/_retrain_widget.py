@@ -86,7 +86,7 @@ class TrainingUpdate:
 class RetrainWidget(DockBase):
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(napari_viewer)
-        from napari_mil._napari._features_widget import default_feature_root
+        from napari_mil.paths import default_feature_root
 
         spare_pool_threads()  # its worker, then the Compare dock's, with the GUI drawing meanwhile
         from napari_mil.training.mhim import PRESETS, MHIMConfig
@@ -245,7 +245,9 @@ class RetrainWidget(DockBase):
         return self._start(worker, self._done, on_update=self._on_update, on_finished=self._idle)
 
     def _encoder_name(self) -> str:
-        return self.state.encoder or "hne_stats"
+        from napari_mil.encoders import DEFAULT_ENCODER
+
+        return self.state.encoder or DEFAULT_ENCODER
 
     def _run(self, slides, cfg, feature_root, checkpoint_dir, encoder_name):
         """Generator run by the worker: cohort progress, epochs and maps as TrainingUpdates."""
@@ -357,7 +359,7 @@ class RetrainWidget(DockBase):
         self.train_button.enabled, self.cancel_button.enabled = True, False
 
     def _done(self, result) -> None:
-        from napari_mil.training.trainer import load_checkpoint, load_teacher
+        from napari_mil.training.checkpoints import load_checkpoint, load_teacher
 
         self.result = result
         state = self.state

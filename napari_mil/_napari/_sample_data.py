@@ -6,23 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
-CMU1_PATH = DATA_DIR / "CMU-1-Small-Region.svs"
+from napari_mil.paths import CMU1_PATH, cache_dir
 
 # The sample synthetic slide: small enough to generate in a few seconds on a laptop.
 SYNTHETIC_SAMPLE = dict(width=10240, height=7680, mpp=0.5, seed=7, tumour_burden=0.12, pen_marks=True)
-
-
-def cache_dir() -> Path:
-    """Per-user cache for generated sample slides (NAPARI_MIL_CACHE overrides it)."""
-    import os
-
-    env = os.environ.get("NAPARI_MIL_CACHE")
-    if env:
-        return Path(env)
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("napari-mil"))
 
 
 def synthetic_sample_path() -> Path:

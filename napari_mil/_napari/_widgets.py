@@ -25,6 +25,7 @@ from qtpy.QtWidgets import QDockWidget
 
 from napari_mil._napari._state import register_dock, state_for
 from napari_mil.errors import NapariMilError
+from napari_mil.slide.base import SLIDE_FILE_PATTERNS
 
 if TYPE_CHECKING:
     import napari
@@ -255,7 +256,7 @@ class SlideTissueWidget(DockBase):
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(napari_viewer)
 
-        self.path = FileEdit(label="Slide", mode="r", filter="*.svs *.tif *.tiff *.ndpi *.mrxs *.scn *.bif *.vms *.svslide *.dcm")
+        self.path = FileEdit(label="Slide", mode="r", filter=" ".join(SLIDE_FILE_PATTERNS))
         self.open_button = PushButton(text="Open slide")
         self.mpp = FloatSpinBox(label="µm per pixel", value=0.0, min=0.0, max=20.0, step=0.001,
                                 tooltip="0 = as recorded in the slide; set it when the slide has none")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from napari_mil.devices import resolve_device
 from napari_mil.errors import EncoderError
 
 ENTRY_POINT_GROUP = "napari_mil.encoders"
@@ -102,30 +103,6 @@ def list_encoders() -> list[EncoderSpec]:
     return sorted(_REGISTRY.values(), key=lambda s: s.name)
 
 
-def resolve_device(device: str | Any = "auto"):
-    """'auto' picks CUDA, then MPS, then CPU (with a warning that it is slow)."""
-    import torch
-
-    if not isinstance(device, str):
-        return device
-    if device != "auto":
-        try:
-            dev = torch.device(device)
-        except RuntimeError as exc:
-            raise EncoderError(f"unknown device {device!r}: {exc}") from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise EncoderError("device 'cuda' asked for but CUDA is not available; use 'auto' or 'cpu'")
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    import warnings
-
-    warnings.warn("no CUDA device: feature extraction runs on the CPU and will be slow for large encoders", stacklevel=2)
-    return torch.device("cpu")
-
-
 def file_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """sha256 of a weights file (first 16 hex digits), the weights' identity in caches and attrs."""
     digest = hashlib.sha256()
@@ -142,7 +119,8 @@ def create_encoder(name: str, weights: str | os.PathLike | None = None, device: 
     TorchScript file, or ``module:package.module:function`` for a Python builder.
     ``weights`` is a local weights file where the encoder takes one.
     """
-    dev = resolve_device(device)
+    dev = resolve_device(device, cpu_warning="no CUDA device: feature extraction runs on the CPU and will be slow "
+                                                 "for large encoders")
     if name.startswith("torchscript:"):
         from napari_mil.encoders.custom import torchscript_encoder
 

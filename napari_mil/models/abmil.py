@@ -14,36 +14,10 @@ bag embedding, so it can also be fitted in closed form (ridge regression).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-
-@dataclass
-class MILOutput:
-    logits: torch.Tensor  # (B, C)
-    embedding: torch.Tensor  # (B, E)
-    attention: torch.Tensor  # (B, N), sums to 1 over the unmasked instances
-    # (B, N, E) instance embeddings h_k when the bag embedding is sum_k a_k h_k (attention pooling);
-    # MHIM-v2's class-aware instance score needs them
-    instances: torch.Tensor | None = None
-
-
-def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Softmax over instances (dim 1); padded instances (mask False) get exactly 0."""
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=1)
-
-
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
-
-
-def activation(name: str) -> nn.Module:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
+from napari_mil.models.contract import MILOutput, activation, masked_softmax
 
 
 class ABMIL(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from napari_mil.models.abmil import MILOutput, masked_softmax
+from napari_mil.models.contract import MILOutput, masked_softmax
 
 
 class _EmbeddedInstances(nn.Module):

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from napari_mil.models.abmil import MILOutput, activation
+from napari_mil.models.contract import MILOutput, activation
 
 OUTPUT_SLICES = ("last", "first")
 

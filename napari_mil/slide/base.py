@@ -23,6 +23,9 @@ OPENSLIDE_EXTENSIONS = (
 # Extensions the tifffile fallback reads (plain and OME TIFF).
 TIFF_EXTENSIONS = (".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf")
 SLIDE_EXTENSIONS = tuple(sorted(set(OPENSLIDE_EXTENSIONS) | set(TIFF_EXTENSIONS)))
+# The same as file-name patterns, for the reader's manifest and the file dialogs ("*.tif" covers ".ome.tif").
+SLIDE_FILE_PATTERNS = tuple(f"*{ext}" for ext in SLIDE_EXTENSIONS
+                            if not any(ext != other and ext.endswith(other) for other in SLIDE_EXTENSIONS))
 
 
 def is_slide_path(path: str | os.PathLike) -> bool:

@@ -18,71 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_mil.errors import NapariMilError
-from napari_mil.training.trainer import FOREIGN_SUFFIXES, CheckpointError, load_checkpoint, teacher_path
-
-DEFAULT_ENCODER = "hne_stats"  # for checkpoints that record no encoder (other code's .pt files)
-
-
-def load_for_prediction(checkpoint: str | Path, feature_dim: int | None = None, part: str = "student",
-                        device: str = "cpu"):
-    """(model, meta) of a checkpoint's student or teacher.
-
-    A napari-mil checkpoint trained in MHIM-MIL mode keeps its teacher beside it
-    (``<checkpoint>_teacher.json/.safetensors``). Asking for the teacher of a checkpoint that has
-    none, or finding a teacher of another architecture than its student, is a CheckpointError;
-    the student is never returned in its place. Other code's files pick their part themselves."""
-    if part not in ("student", "teacher"):
-        raise NapariMilError(f"part must be 'student' or 'teacher', not {part!r}")
-    model, meta = load_checkpoint(checkpoint, feature_dim=feature_dim, device=device, part=part)
-    if part == "student" or Path(checkpoint).suffix in FOREIGN_SUFFIXES or meta.get("role") == "teacher":
-        return model, meta  # a teacher file named directly is the teacher
-    name = _base(checkpoint).name
-    if not meta.get("teacher"):
-        raise CheckpointError(f"checkpoint {name} has no teacher: it was trained without MHIM-MIL (no --mhim). "
-                              "Predict with its student (--part student), or train with --mhim to get a teacher")
-    where = teacher_path(checkpoint)
-    if not where.with_suffix(".json").exists() or not where.with_suffix(".safetensors").exists():
-        raise CheckpointError(f"checkpoint {name} was trained with a teacher, but {where.name}.json and "
-                              f"{where.name}.safetensors are not beside it: copy them with the student")
-    try:
-        teacher, teacher_meta = load_checkpoint(where, feature_dim=feature_dim, device=device)
-    except CheckpointError as exc:
-        raise CheckpointError(f"the teacher of {name}: {exc}") from None
-    student_arch, teacher_arch = _architecture(meta), _architecture(teacher_meta)
-    if student_arch != teacher_arch:
-        raise CheckpointError(f"{where.name} is not the teacher of {name}: the teacher is a {_describe(teacher_arch)}, "
-                              f"the student a {_describe(student_arch)}. The files were mixed up; train again or "
-                              "put the run's own teacher files beside the student")
-    return teacher, {**meta, **teacher_meta, "threshold": teacher_meta.get("threshold", 0.5)}
-
-
-def _base(checkpoint: str | Path) -> Path:
-    base = Path(checkpoint)
-    return base.with_suffix("") if base.suffix in (".json", ".safetensors") else base
-
-
-def _architecture(meta: dict) -> tuple:
-    return meta["model"], json.dumps(meta.get("model_cfg", {}), sort_keys=True), meta["in_dim"], meta["n_classes"]
-
-
-def _describe(arch: tuple) -> str:
-    model, cfg, in_dim, n_classes = arch
-    cfg = json.loads(cfg)
-    options = f" ({', '.join(f'{k}={v}' for k, v in cfg.items())})" if cfg else ""
-    return f"{model}{options} on {in_dim}-d features with {n_classes} classes"
-
-
-def checkpoint_encoder(meta: dict, given: str | None = None) -> tuple[str, str | None]:
-    """The encoder whose features a checkpoint reads: ``given`` when set, else the one its
-    training recorded; checkpoints that record none (other code's files) get the default, with
-    a note saying so (the second value)."""
-    if given:
-        return given, None
-    if meta.get("encoder"):
-        return str(meta["encoder"]), None
-    return DEFAULT_ENCODER, (f"the checkpoint records no encoder: reading {DEFAULT_ENCODER} features; "
-                             "give --encoder when it was trained on another")
-
+from napari_mil.training.checkpoints import checkpoint_encoder, load_for_prediction
 
 @dataclass
 class SlidePrediction:
@@ -98,7 +34,7 @@ def predict_bag(model, meta: dict, bag, slide_id: str, encoder: str | None = Non
     checkpoint's and empty bags are refused with a message."""
     import torch
 
-    from napari_mil.heatmaps import bag_tensor
+    from napari_mil.models.contract import bag_tensor
 
     if len(bag) == 0:
         raise NapariMilError(f"{slide_id}: the bag is empty (no patch was extracted)")

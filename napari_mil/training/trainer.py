@@ -21,9 +21,7 @@ cancel keeps the last good one.
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 import time
 import traceback
 from collections.abc import Callable
@@ -34,19 +32,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_mil.devices import resolve_device
 from napari_mil.errors import NapariMilError
 from napari_mil.models import create_model
 from napari_mil.training.metrics import binary_metrics, choose_threshold
 from napari_mil.training.mhim import MHIMConfig, MHIMTrainer
-from napari_mil.training.normalise import FeatureNormaliser, NormalisationError, normaliser_of
+from napari_mil.training.checkpoints import CheckpointError, jsonable, load_checkpoint, save_checkpoint, teacher_path
+from napari_mil.training.normalise import FeatureNormaliser, normaliser_of
 
 
 class TrainingCancelled(NapariMilError):
     """Training stopped on request; the best checkpoint so far is kept."""
-
-
-class CheckpointError(NapariMilError):
-    """A checkpoint that does not exist, is not ours, or does not fit the features."""
 
 
 @dataclass
@@ -101,12 +97,6 @@ class TrainResult:
     mhim: MHIMTrainer | None
     warnings: list[str] = field(default_factory=list)  # e.g. that the model did not learn
     baseline: TrainResult | None = None  # MHIM-MIL: the plain run its teacher started from
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def predict_probs(model, bags, device) -> tuple[np.ndarray, float]:
@@ -214,7 +204,7 @@ def _train_phase(train_bags, val_bags, cfg: TrainConfig, normaliser, model_cfg: 
     ``init_student``, part of the student) starts from ``teacher_state``."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     in_dim = train_bags[0].features.shape[1]
     n_classes = int(max(b.label for b in train_bags + val_bags)) + 1
     model = create_model(cfg.model, in_dim, n_classes, **model_cfg)
@@ -246,7 +236,7 @@ def _train_phase(train_bags, val_bags, cfg: TrainConfig, normaliser, model_cfg: 
     if on_start is not None:
         on_start(model, mhim)
     history, best_loss, best_epoch, best_state, stale = [], float("inf"), -1, None, 0
-    meta = {"train_config": _jsonable(asdict(cfg)), "model": cfg.model, "model_cfg": model_cfg,
+    meta = {"train_config": jsonable(asdict(cfg)), "model": cfg.model, "model_cfg": model_cfg,
             "in_dim": in_dim, "n_classes": n_classes, **(extra_meta or {})}
     if normaliser is not None:
         meta["normalisation"] = normaliser.to_meta()
@@ -347,100 +337,3 @@ def embedding_prefix(model: torch.nn.Module) -> str | None:
         if isinstance(getattr(model, name, None), torch.nn.Module):
             return name + "."
     return None
-
-
-def _jsonable(value):
-    return json.loads(json.dumps(value, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o)))
-
-
-# ---- checkpoints --------------------------------------------------------------------------
-def teacher_path(checkpoint: str | Path) -> Path:
-    """Where an MHIM-MIL run keeps its teacher: beside the student, with ``_teacher`` appended."""
-    base = Path(checkpoint)
-    if base.suffix in (".json", ".safetensors"):
-        base = base.with_suffix("")
-    return base.with_name(base.name + "_teacher")
-
-
-def load_teacher(checkpoint: str | Path, meta: dict, device: str = "cpu") -> torch.nn.Module | None:
-    """The teacher saved with an MHIM-MIL student (None for plain training)."""
-    if not meta.get("teacher"):
-        return None
-    teacher, _ = load_checkpoint(teacher_path(checkpoint), feature_dim=meta["in_dim"], device=device)
-    return teacher
-
-
-def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict) -> Path:
-    """``path.safetensors`` (weights) and ``path.json`` (what to rebuild it with), both atomic."""
-    from safetensors.torch import save_file
-
-    base = Path(path)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    weights, config = base.with_suffix(".safetensors"), base.with_suffix(".json")
-    tmp_w, tmp_c = weights.with_name(weights.name + ".tmp"), config.with_name(config.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp_w))
-    tmp_c.write_text(json.dumps(_jsonable({"format": "napari-mil-checkpoint-1", **meta}), indent=2))
-    os.replace(tmp_w, weights)
-    os.replace(tmp_c, config)
-    return base
-
-
-FOREIGN_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
-
-
-def load_checkpoint(path: str | Path, feature_dim: int | None = None, device: str = "cpu",
-                    part: str = "student", **foreign_options) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a model from ``path.json`` and ``path.safetensors``; refuse features of another
-    dimension and weights of another architecture with a clear message.
-
-    A ``.pt``/``.pth``/``.ckpt``/``.bin`` file is a checkpoint of the official TransMIL, MHIM-MIL
-    or CLAM code, read without unpickling code (``napari_mil.models.interop``); ``part`` picks an
-    MHIM-MIL file's student or teacher, ``foreign_options`` its activations."""
-    from safetensors.torch import load_file
-
-    base = Path(path)
-    if base.suffix in FOREIGN_SUFFIXES:
-        from napari_mil.models.interop import ForeignCheckpointError, load_foreign_checkpoint
-
-        try:
-            model, meta = load_foreign_checkpoint(base, part, feature_dim, **foreign_options)
-        except ForeignCheckpointError as exc:
-            raise CheckpointError(str(exc)) from None
-        return model.to(device), meta
-    if base.suffix in (".json", ".safetensors"):
-        base = base.with_suffix("")
-    config, weights = base.with_suffix(".json"), base.with_suffix(".safetensors")
-    if not config.exists() or not weights.exists():
-        raise CheckpointError(f"checkpoint {base.name}: need both {config.name} and {weights.name}")
-    try:
-        meta = json.loads(config.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config.name} is not valid JSON: {exc}") from None
-    if meta.get("format") != "napari-mil-checkpoint-1":
-        raise CheckpointError(f"{config.name} is not a napari-mil checkpoint")
-    if feature_dim is not None and feature_dim != meta["in_dim"]:
-        raise CheckpointError(
-            f"the checkpoint expects {meta['in_dim']}-d features ({meta.get('encoder', 'its encoder')}) "
-            f"but these have {feature_dim}: extract features with the encoder it was trained on"
-        )
-    model = create_model(meta["model"], meta["in_dim"], meta["n_classes"], **meta.get("model_cfg", {}))
-    try:
-        state = load_file(str(weights))
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {weights.name}: {exc}") from None
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or wrong or len(state) != len(own):
-        raise CheckpointError(
-            f"{weights.name} does not fit a {meta['model']} model: {len(missing)} missing, {len(wrong)} of another "
-            f"shape, {len(set(state) - set(own))} unexpected tensors (another architecture?)"
-        )
-    model.load_state_dict(state)
-    try:
-        normaliser = FeatureNormaliser.from_meta(meta.get("normalisation"), feature_dim or meta["in_dim"])
-    except NormalisationError as exc:
-        raise CheckpointError(f"{config.name}: {exc}") from None
-    if normaliser is not None:
-        normaliser.attach(model)
-    return model.to(device).eval(), meta
