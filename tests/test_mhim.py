@@ -137,3 +137,21 @@ def test_class_aware_score_matches_a_hand_computation_and_drives_the_masks():
         MHIMTrainer(create_model("transmil", in_dim=6, dim=16, heads=2, landmarks=4), cfg, 1).loss(x, torch.tensor([1]))
     with pytest.raises(NapariMilError, match="score must be"):
         MHIMTrainer(model, MHIMConfig(score="gradcam"), 1)
+
+
+@pytest.mark.parametrize("attn_layer", [0, 1])
+def test_a_transmil_teacher_scores_with_the_configured_layer(attn_layer):
+    """The teacher's ranking reads ``attn_layer``'s attention as a call argument; the teacher
+    itself keeps its default (layer 2) for every other caller."""
+    torch.manual_seed(4)
+    student = create_model("transmil", in_dim=6, dim=16, heads=2, landmarks=8)
+    cfg = MHIMConfig(mask_ratio_h=0.2, mask_ratio_hr=1.0, attn_layer=attn_layer)
+    trainer = MHIMTrainer(student, cfg, total_steps=1)
+    x = torch.randn(1, 50, 6)
+    _, _, masks = trainer.loss(x, torch.tensor([1]))
+    with torch.no_grad():
+        chosen = trainer.teacher(x, attention_layer=attn_layer).attention[0]
+        other = trainer.teacher(x, attention_layer=1 - attn_layer).attention[0]
+    assert set(torch.nonzero(masks.high).flatten().tolist()) == set(torch.argsort(chosen, descending=True)[:10].tolist())
+    assert set(torch.argsort(other, descending=True)[:10].tolist()) != set(torch.argsort(chosen, descending=True)[:10].tolist())
+    assert trainer.teacher.default_attention_layer == 1

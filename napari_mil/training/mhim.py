@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_mil.errors import NapariMilError
+from napari_mil.models.contract import attention_options
 
 
 @dataclass(frozen=True)
@@ -159,8 +160,8 @@ class MHIMTrainer:
             raise NapariMilError(f"score must be 'attention' or 'class_aware', not {cfg.score!r}")
         self.student = student
         self.teacher = make_teacher(student, teacher_init)
-        if hasattr(self.teacher, "attention_layer"):  # TransMIL: score with the configured layer
-            self.teacher.attention_layer = cfg.attn_layer
+        # the teacher scores with the configured layer (TransMIL); other models take no options
+        self.teacher_options = attention_options(self.teacher, cfg.attn_layer, None)
         self.cfg = cfg
         self.step = 0
         self.ratio_h = cosine_schedule(cfg.mask_ratio_h, 0.0, total_steps) if cfg.mrh_schedule else None
@@ -181,7 +182,7 @@ class MHIMTrainer:
     def loss(self, x: torch.Tensor, label: torch.Tensor, class_weight: torch.Tensor | None = None):
         """Loss for one bag x (1, N, D); returns (loss, student output, masks)."""
         with torch.no_grad():
-            teacher_out = self.teacher(x)
+            teacher_out = self.teacher(x, **self.teacher_options)
             scores = teacher_out.attention if self.cfg.score == "attention" else class_aware_score(self.teacher, teacher_out)
         masks = select_masks(scores[0], self.cfg, self.current_ratio_h(), self.generator)
         self.history.append(masks)
