@@ -1,0 +1,1 @@
+"""The use cases that the CLI and the napari docks both call."""
