@@ -1,24 +1,41 @@
-"""`napari-mil train`: cross-validated training with test predictions."""
+"""`napari-mil train`: cross-validated training with test predictions (usecases.cross_validation)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-from napari_mil.atomic import write_csv, write_json
-from napari_mil.cli.output import progress_bar
+from napari_mil.cli.output import error, progress_bar, warning, write_line
 from napari_mil.errors import NapariMilError
+
+
+class _FoldBars:
+    """One epoch bar per fold (a line per epoch in a log), made at the fold's first epoch."""
+
+    def __init__(self, n_folds: int, epochs: int, quiet: bool):
+        self.n_folds, self.epochs, self.quiet = n_folds, epochs, quiet
+        self.fold, self.bar = None, None
+
+    def on_epoch(self, fold: int, r) -> None:
+        if fold != self.fold:
+            self.close()
+            self.fold = fold
+            self.bar = progress_bar(total=self.epochs, desc=f"fold {fold + 1}/{self.n_folds}", unit="epoch",
+                                    disable=self.quiet, lines=True)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{r.train_loss:.3f}", val_loss=f"{r.val_loss:.3f}", val_auc=f"{r.val_auc:.3f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def cmd_train(args) -> int:
     """Cross-validated training (or the CSV's own train/val/test split) with test predictions."""
     import numpy as np
-    from tqdm import tqdm
 
-    from napari_mil.training.data import load_bags, patient_folds, read_labels
-    from napari_mil.training.metrics import binary_metrics, cross_validation_summary
+    from napari_mil.training.data import load_bags, read_labels
     from napari_mil.training.mhim import preset
-    from napari_mil.training.trainer import TrainConfig, mhim_bag_size_warnings, predict_probs, train
+    from napari_mil.training.trainer import TrainConfig, mhim_bag_size_warnings
+    from napari_mil.usecases.cross_validation import FoldError, cross_validate, make_folds
 
     try:
         model_cfg = _model_cfg(args)  # checked before the bags are read
@@ -29,69 +46,37 @@ def cmd_train(args) -> int:
         if overrides and mhim is None:
             raise NapariMilError("--mask-ratio-h changes an MHIM-MIL preset: give --mhim too")
     except (NapariMilError, KeyError) as exc:
-        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        error(exc.args[0] if isinstance(exc, KeyError) else exc)
         return 2
-    if all(r.split for r in records):
-        split = {name: np.array([i for i, r in enumerate(records) if r.split == name]) for name in ("train", "val", "test")}
-        folds = [split]
-    else:
-        folds = patient_folds(bags, args.folds, args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    folds = make_folds(records, bags, k=args.folds, seed=args.seed)
     cfg = TrainConfig(model=args.model, model_cfg=model_cfg, epochs=args.epochs, min_epochs=args.min_epochs,
                       patience=args.patience, lr=args.lr, weight_decay=args.weight_decay, schedule=args.schedule,
                       normalisation=args.normalisation, bag_shift=args.bag_shift, seed=args.seed, mhim=mhim,
                       device=args.device, teacher=args.teacher, teacher_init=args.teacher_init,
                       init_student=args.init_student)
     if mhim is not None and not args.quiet:
-        for warning in mhim_bag_size_warnings(mhim, bags):  # said at the start, not after hours of training
-            print(f"warning: {warning}", file=sys.stderr)
-    rows, summary = [], {"folds": []}
-    for k, fold in enumerate(folds):
-        pick = lambda name: [bags[i] for i in fold[name]]  # noqa: E731
-        bar = progress_bar(total=args.epochs, desc=f"fold {k + 1}/{len(folds)}", unit="epoch", disable=args.quiet,
-                        lines=True)
+        for said in mhim_bag_size_warnings(mhim, bags):  # said at the start, not after hours of training
+            warning(said)
+    bars = _FoldBars(len(folds), args.epochs, args.quiet)
 
-        def on_epoch(r, bar=bar):
-            bar.update(1)
-            bar.set_postfix(loss=f"{r.train_loss:.3f}", val_loss=f"{r.val_loss:.3f}", val_auc=f"{r.val_auc:.3f}")
+    def on_fold(done) -> None:
+        bars.close()
+        for own in done.warnings:  # the bag-size warnings were said at the start
+            warning(f"fold {done.fold + 1}: {own}")
+        if not args.quiet and done.test_metrics:
+            m = done.test_metrics
+            write_line(f"fold {done.fold + 1}: test AUC {m['auc']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f} "
+                       f"(threshold {done.result.threshold:.3f} from validation)")
 
-        try:
-            result = train(pick("train"), pick("val"), cfg, checkpoint=out / f"{args.model}_fold{k}", on_epoch=on_epoch,
-                           extra_meta={"encoder": args.encoder})
-        except NapariMilError as exc:
-            bar.close()
-            print(f"error: fold {k + 1}: {exc}", file=sys.stderr)
-            return 1
-        bar.close()
-        # train() repeats the bag-size warnings of the fold's bags; their gist was said at the start
-        said = mhim_bag_size_warnings(mhim, pick("train")) if mhim is not None else []
-        for warning in result.warnings + (result.baseline.warnings if result.baseline else []):
-            if warning not in said:
-                print(f"warning: fold {k + 1}: {warning}", file=sys.stderr)
-        test = pick("test")
-        if test:
-            probs, _ = predict_probs(result.model, test, next(result.model.parameters()).device)
-            for bag, p in zip(test, probs[:, -1]):
-                rows.append({"slide_id": bag.slide_id, "patient_id": bag.patient_id, "fold": k, "label": bag.label,
-                             "probability": f"{p:.6f}", "predicted": int(p >= result.threshold)})
-            labels = np.array([b.label for b in test]) == max(b.label for b in bags)
-            metrics = binary_metrics(labels, probs[:, -1], result.threshold)
-        else:
-            metrics = {}
-        summary["folds"].append({"fold": k, "checkpoint": result.checkpoint.name, "best_epoch": result.best_epoch,
-                                 "threshold": result.threshold, "n_test": len(test),
-                                 "n_test_by_class": [sum(b.label == c for b in test)
-                                                     for c in range(max(b.label for b in bags) + 1)],
-                                 "val": result.val_metrics, "test": metrics, "warnings": result.warnings})
-        if not args.quiet and metrics:
-            tqdm.write(f"fold {k + 1}: test AUC {metrics['auc']:.3f}, balanced accuracy {metrics['balanced_accuracy']:.3f} "
-                       f"(threshold {result.threshold:.3f} from validation)")
-    if rows:
-        labels = np.array([r["label"] for r in rows]) == max(b.label for b in bags)
-        probs = np.array([float(r["probability"]) for r in rows])
-        summary.update(cross_validation_summary(labels, probs, [r["fold"] for r in rows], n_boot=1000))
-        write_csv(out / "predictions.csv", rows)
+    try:
+        cv = cross_validate(bags, folds, cfg, args.out, extra_meta={"encoder": args.encoder},
+                            on_epoch=bars.on_epoch, on_fold=on_fold)
+    except FoldError as exc:
+        bars.close()
+        error(exc)
+        return 1
+    summary = cv.summary
+    if cv.rows:
         if not args.quiet:
             lo, hi = summary["pooled_test_auc_95ci"]
             pooled = "pooled out-of-fold test AUC" if len(folds) > 1 else "test AUC"
@@ -101,9 +86,8 @@ def cmd_train(args) -> int:
                 with_auc = sum(np.isfinite(a) for a in summary["test_auc_per_fold"].values())
                 print(f"per-fold test AUC {summary['test_auc_mean']:.3f} ± {summary['test_auc_sd']:.3f} (sd) "
                       f"over {with_auc} folds")
-        for warning in summary["warnings"]:
-            print(f"warning: {warning}", file=sys.stderr)
-    write_json(out / "summary.json", summary)
+        for said in summary["warnings"]:
+            warning(said)
     return 0
 
 
