@@ -10,9 +10,18 @@ from pathlib import Path
 
 from napari_mil.atomic import write_csv
 from napari_mil.cli.output import TileBar, error, progress_bar, warning, write_line
-from napari_mil.cli.parser import grid_settings
 from napari_mil.errors import NapariMilError
-from napari_mil.usecases.slide_to_bag import expand_inputs, slide_to_bag, tile_slide
+from napari_mil.usecases.slide_to_bag import GridSettings, expand_inputs, slide_to_bag, tile_slide
+
+
+def grid_settings(args) -> GridSettings:
+    """The grid options (parser.py) as GridSettings, checked: nonsense raises NapariMilError."""
+    return GridSettings(
+        magnification=args.magnification, target_mpp=args.target_mpp, patch_size=args.patch_size,
+        overlap=args.overlap, min_tissue=args.min_tissue, preset=args.preset,
+        saturation_threshold=args.saturation_threshold,
+        min_tissue_area_um2=None if args.min_tissue_area is None else args.min_tissue_area * 1e6, mpp=args.mpp,
+    )
 
 
 def _slides(args) -> list[tuple[Path, float | None]] | None:

@@ -34,16 +34,6 @@ def _add_grid_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true")
 
 
-def grid_settings(args: argparse.Namespace) -> GridSettings:
-    """The grid options as GridSettings (checked: nonsense raises NapariMilError)."""
-    return GridSettings(
-        magnification=args.magnification, target_mpp=args.target_mpp, patch_size=args.patch_size,
-        overlap=args.overlap, min_tissue=args.min_tissue, preset=args.preset,
-        saturation_threshold=args.saturation_threshold,
-        min_tissue_area_um2=None if args.min_tissue_area is None else args.min_tissue_area * 1e6, mpp=args.mpp,
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     from napari_mil.cli.commands import cmd_demo, cmd_encoders, cmd_export, cmd_extract, cmd_synthetic, cmd_tile
     from napari_mil.cli.predict import cmd_predict
