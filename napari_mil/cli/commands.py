@@ -11,7 +11,13 @@ from pathlib import Path
 from napari_mil.atomic import write_csv
 from napari_mil.cli.output import TileBar, error, progress_bar, warning, write_line
 from napari_mil.errors import NapariMilError
-from napari_mil.usecases.slide_to_bag import GridSettings, expand_inputs, slide_to_bag, tile_slide
+from napari_mil.usecases.slide_to_bag import (
+    GridSettings,
+    expand_inputs,
+    slide_to_bag,
+    tile_slide,
+    write_extract_manifest,
+)
 
 
 def grid_settings(args) -> GridSettings:
@@ -65,7 +71,6 @@ def cmd_extract(args) -> int:
     import warnings
 
     from napari_mil.encoders import create_encoder
-    from napari_mil.usecases.slide_to_bag import write_extract_manifest
 
     settings = grid_settings(args)
     try:
