@@ -221,7 +221,7 @@ class RetrainWidget(DockBase):
         """Prepare the cohort's features, then train in a worker; curves and maps update live."""
         from napari.qt.threading import create_worker
 
-        from napari_mil.training.cohort import read_cohort
+        from napari_mil.usecases.cohort import read_cohort
 
         try:
             if not str(self.cohort.value) or Path(self.cohort.value) == Path("."):
@@ -252,7 +252,7 @@ class RetrainWidget(DockBase):
     def _run(self, slides, cfg, feature_root, checkpoint_dir, encoder_name):
         """Generator run by the worker: cohort progress, epochs and maps as TrainingUpdates."""
         from napari_mil.encoders import create_encoder
-        from napari_mil.training.cohort import ensure_features
+        from napari_mil.usecases.cohort import ensure_features
         from napari_mil.training.data import patient_folds
         from napari_mil.training.trainer import mhim_bag_size_warnings, train
 
