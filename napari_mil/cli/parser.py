@@ -6,6 +6,7 @@ import argparse
 
 from napari_mil import __version__
 from napari_mil.encoders import DEFAULT_ENCODER
+from napari_mil.exports import COLORMAPS
 from napari_mil.usecases.slide_to_bag import GridSettings
 
 DESCRIPTION = "Command line: the same core functions as the napari docks."
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--slide", default=None, help="the slide file (needed for topk; sizes the PNG to the slide)")
     ex.add_argument("--downsample", type=float, default=32.0, help="level-0 pixels per PNG pixel (default 32)")
     ex.add_argument("--norm", default="minmax", choices=("raw", "minmax", "rank", "log"))
-    ex.add_argument("--colormap", default="inferno", help="a napari colormap name")
+    ex.add_argument("--colormap", default="inferno", choices=COLORMAPS, help="the colour map (default %(default)s)")
     ex.add_argument("--k", type=int, default=8, help="how many top patches (default 8)")
     ex.add_argument("--name", default=None, help="the map's name in the files (default: the file name)")
     ex.add_argument("--quiet", "-q", action="store_true")
