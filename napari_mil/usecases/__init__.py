@@ -1,0 +1,2 @@
+"""The use cases the CLI and the napari docks both call: slide to bag, cross-validated training,
+prediction, ..."""
