@@ -390,8 +390,8 @@ def _predict_out_of_fold(args) -> int:
 
 def cmd_export(args) -> int:
     """Attention files (from predict) -> QuPath GeoJSON, per-patch CSV, PNG overlay, top-k PNGs."""
-    from napari_mil.attention_store import load_attention
     from napari_mil.exports import export_csv, export_geojson, export_overlay_png, export_top_k
+    from napari_mil.heatmaps import load_attention
     from napari_mil.slide import open_slide
 
     formats = set(args.formats.split(","))
