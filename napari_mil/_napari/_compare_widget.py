@@ -121,7 +121,7 @@ class CompareWidget(DockBase):
         """Compute the teacher's and the student's maps in a worker, then show them side by side."""
         from napari.qt.threading import create_worker
 
-        from napari_mil.heatmaps import grid_geometry, teacher_student_maps
+        from napari_mil.usecases.prediction import teacher_student_maps
 
         state = self.state
         try:
@@ -137,10 +137,9 @@ class CompareWidget(DockBase):
             return None
         head = None if self.transmil_head.value < 0 else int(self.transmil_head.value)
         bag = state.features
-        size0, step = grid_geometry(bag.attrs, bag.coords)
         self.status.value = f"scoring {len(bag)} patches with the teacher and the student..."
-        worker = create_worker(teacher_student_maps, state.teacher, state.model, bag.features, bag.coords, size0, cfg,
-                               None, 0, step, self.transmil_layer.value, head, _ignore_errors=True)
+        worker = create_worker(teacher_student_maps, state.teacher, state.model, bag, cfg, None, 0,
+                               attention_layer=self.transmil_layer.value, attention_head=head, _ignore_errors=True)
         return self._start(worker, self.show_pair)
 
     # ---- layers ------------------------------------------------------------------------------
