@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "napari_mil"
 # lowest first; a module's layer is that of the longest prefix listed
 LAYERS = [
     ["napari_mil", "napari_mil.errors", "napari_mil.atomic", "napari_mil.paths", "napari_mil.devices",
-     "napari_mil._h5", "napari_mil.geometry"],
+     "napari_mil._h5", "napari_mil.geometry", "napari_mil.names"],
     ["napari_mil.slide", "napari_mil.heatmaps"],
     ["napari_mil.tissue"],
     ["napari_mil.tiling", "napari_mil.synthetic", "napari_mil.exports"],

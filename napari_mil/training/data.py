@@ -18,6 +18,7 @@ import numpy as np
 
 from napari_mil.errors import NapariMilError
 from napari_mil.features.store import FeatureBag, feature_path
+from napari_mil.names import unsafe_name
 
 
 class CohortError(NapariMilError):
@@ -71,14 +72,7 @@ def label_columns(columns: list[str], where: str = "the labels CSV") -> dict[str
 
 def unsafe_slide_id(slide_id: str) -> str | None:
     """Why ``slide_id`` cannot name a file (None when it can): IDs become file names."""
-    if not slide_id:
-        return "it is empty"
-    for bad in ("/", "\\", ".."):
-        if bad in slide_id:
-            return f"it contains {bad!r}"
-    if any(ord(ch) < 32 for ch in slide_id):
-        return "it contains a control character"
-    return None
+    return unsafe_name(slide_id)
 
 
 def read_labels(path: str | Path) -> list[SlideRecord]:
@@ -141,8 +135,8 @@ def load_bags(records: list[SlideRecord], features_root: str | Path, encoder: st
         if len(bag) == 0:
             raise CohortError(f"{r.slide_id}: the bag is empty (no patch was extracted)")
         features = bag.widened().features
-        if not np.isfinite(features).all():
-            bad = int((~np.isfinite(features)).any(axis=1).sum())
+        bad = bag.nonfinite_patches()
+        if bad:
             raise CohortError(f"{r.slide_id}: {bad} patches have NaN or infinite features; re-extract this slide")
         dims.add(features.shape[1])
         bags.append(Bag(r.slide_id, r.label, r.patient_id, features, bag.coords))
