@@ -25,6 +25,7 @@ from napari_mil._h5 import plain_attr
 from napari_mil.atomic import atomic_path
 from napari_mil.errors import FeatureStoreError, GridError
 from napari_mil.geometry import PatchGeometry
+from napari_mil.names import check_name
 
 
 class FeatureBag:
@@ -64,6 +65,10 @@ class FeatureBag:
     @property
     def encoder(self) -> str:
         return str(self.attrs.get("encoder", "unknown"))
+
+    def nonfinite_patches(self) -> int:
+        """How many patches have a NaN or infinite feature (they cannot be scored)."""
+        return int((~np.isfinite(self.features)).reshape(len(self), -1).any(axis=1).sum())
 
     def require_dim(self, expected: int, what: str = "the model") -> None:
         """Raise a clear error when the features do not have the dimension ``what`` expects."""
@@ -133,6 +138,9 @@ class FeatureBag:
                 skipped = np.asarray(fh["skipped_coords"][:], np.int64) if "skipped_coords" in fh else np.zeros((0, 2), np.int64)
         except OSError as exc:
             raise FeatureStoreError(f"cannot read {path.name}: {exc}") from None
+        if not (np.issubdtype(features.dtype, np.floating) or np.issubdtype(features.dtype, np.integer)):
+            raise FeatureStoreError(f"{path.name}: features are stored as {features.dtype}, not numbers: "
+                                    "extract them again")
         if features.ndim == 3 and features.shape[0] == 1:  # some pipelines keep a batch axis
             features = features[0]
         coords = coords.reshape(-1, 2)
@@ -142,9 +150,10 @@ class FeatureBag:
 
 
 def feature_path(root: str | os.PathLike, encoder: str, slide_name: str) -> Path:
-    """Where a slide's features for an encoder live (TRIDENT's folder naming)."""
-    safe = encoder.replace("/", "_").replace(":", "_")
-    return Path(root) / f"features_{safe}" / f"{slide_name}.h5"
+    """Where a slide's features for an encoder live (TRIDENT's folder naming); a slide name
+    that would reach outside the folder is an UnsafeNameError."""
+    safe = encoder.replace("/", "_").replace("\\", "_").replace(":", "_")
+    return Path(root) / f"features_{safe}" / f"{check_name(slide_name, 'slide name')}.h5"
 
 
 def slide_identity(path: str | os.PathLike) -> str:
@@ -170,13 +179,14 @@ def encoder_signature(encoder) -> str:
 
 
 def cache_key(slide_path, grid, encoder, dtype: str) -> str:
-    """What makes a feature file reusable: the slide, the grid, the encoder (name, weights,
+    """What makes a feature file reusable: the slide, the grid (its patches and their whole
+    geometry: sizes, step, overlap, resolutions, the level read), the encoder (name, weights,
     preprocessing) and the on-disk precision."""
     digest = hashlib.sha256()
     digest.update(slide_identity(slide_path).encode())
     digest.update(np.ascontiguousarray(grid.coords, np.int64).tobytes())
-    geometry = (grid.patch_size, grid.patch_size_level, grid.level, grid.patch_size_level0)
-    digest.update(json.dumps([geometry, encoder_signature(encoder), dtype]).encode())
+    geometry = {**grid.geometry.to_attrs(), "patch_size_level": grid.patch_size_level}
+    digest.update(json.dumps([sorted(geometry.items()), encoder_signature(encoder), dtype]).encode())
     return digest.hexdigest()[:24]
 
 
