@@ -24,6 +24,7 @@ import torch
 from napari_mil.errors import NapariMilError
 from napari_mil.heatmaps import MASK_KINDS, AttentionMap, save_attention
 from napari_mil.models.contract import attention_options, bag_tensor
+from napari_mil.names import check_name
 from napari_mil.training.checkpoints import checkpoint_encoder, load_for_prediction
 from napari_mil.training.mhim import class_aware_score, select_masks
 
@@ -82,31 +83,57 @@ class SlidePrediction:
 
 
 def predict_bag(model, meta: dict, bag, slide_id: str, encoder: str | None = None) -> SlidePrediction:
-    """One slide's probability and attention map; features of another dimension than the
-    checkpoint's and empty bags are refused with a message."""
+    """One slide's probability and attention map. Refused with a message naming the slide: an
+    ID that cannot name a file, empty bags, features of another dimension than the checkpoint's,
+    and NaN or infinite features, attention or probabilities (they never become a class)."""
+    check_name(slide_id)
     if len(bag) == 0:
         raise NapariMilError(f"{slide_id}: the bag is empty (no patch was extracted)")
     if bag.dim != meta["in_dim"]:
         trained = f" ({meta['encoder']})" if meta.get("encoder") else ""
         raise NapariMilError(f"{slide_id}: {bag.dim}-d {encoder or bag.encoder} features, but the checkpoint expects "
                              f"{meta['in_dim']}-d features{trained}: give --encoder with the encoder it was trained on")
-    amap, probs = model_map(model, bag)
+    bad = bag.nonfinite_patches()
+    if bad:
+        raise NapariMilError(f"{slide_id}: {bad} of {len(bag)} patches have NaN or infinite features, so no class is "
+                             "given; extract this slide's features again")
+    threshold = _threshold(meta)
+    try:
+        amap, probs = model_map(model, bag)
+    except NapariMilError as exc:
+        raise NapariMilError(f"{slide_id}: {exc}") from None
+    if not np.isfinite(probs).all():
+        raise NapariMilError(f"{slide_id}: the model gives NaN or infinite probabilities, so no class is given; "
+                             "is the checkpoint damaged?")
     prob = float(probs[-1])
-    threshold = float(meta.get("threshold", 0.5))
     return SlidePrediction(slide_id, prob, int(prob >= threshold), threshold, amap)
 
 
+def _threshold(meta: dict) -> float:
+    """The checkpoint's decision threshold: a probability (a NaN one would make every slide class 0)."""
+    value = meta.get("threshold", 0.5)
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        threshold = float("nan")
+    if not 0.0 <= threshold <= 1.0:
+        raise NapariMilError(f"the checkpoint's threshold {value!r} is not a probability between 0 and 1")
+    return threshold
+
+
 def attention_path(out: str | os.PathLike, slide_id: str) -> Path:
-    """Where ``predict`` puts a slide's attention under its output folder."""
-    return Path(out) / "attention" / f"{slide_id}.h5"
+    """Where ``predict`` puts a slide's attention under its output folder; an ID that would
+    reach outside it is an UnsafeNameError."""
+    return Path(out) / "attention" / f"{check_name(slide_id)}.h5"
 
 
 def write_prediction(out: str | Path, pred: SlidePrediction, bag, meta: dict, **attrs) -> Path:
     """The slide's attention file under ``out/attention/``, in the layout ``export`` reads, with
-    the model, the probability, the slide's name and ``attrs``."""
+    the model, the probability, the slide's ID and name (``export`` checks the slide it is given
+    against them) and ``attrs``."""
     return save_attention(attention_path(out, pred.slide_id), pred.attention,
-                          {"model": meta["model"], "probability": pred.probability, "name": bag.attrs.get("name"),
-                           **attrs})
+                          {"model": meta["model"], "probability": pred.probability, "slide_id": pred.slide_id,
+                           "name": bag.attrs.get("name"), **attrs})
 
 
 # ---- out-of-fold prediction ----------------------------------------------------------------
@@ -133,9 +160,10 @@ def fold_checkpoints(models_dir: str | Path) -> dict[int, Path]:
     if summary.exists():
         try:
             folds = json.loads(summary.read_text()).get("folds", [])
-        except json.JSONDecodeError:
-            folds = []
-        named = {int(f["fold"]): models_dir / f["checkpoint"] for f in folds if f.get("checkpoint")}
+            named = {int(f["fold"]): models_dir / check_name(f["checkpoint"], "checkpoint name")
+                     for f in folds if f.get("checkpoint")}
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError, KeyError) as exc:
+            raise NapariMilError(f"{summary} is not the summary of a napari-mil train run ({exc})") from None
         if named:
             return named
     found: dict[int, list[Path]] = {}
@@ -160,6 +188,15 @@ def read_fold_predictions(models_dir: str | Path) -> list[dict]:
         rows = list(csv.DictReader(fh))
     if not rows or not {"slide_id", "fold"} <= set(rows[0]):
         raise NapariMilError(f"{path} has no slide_id and fold columns: it was not written by napari-mil train")
+    first_line = {}
+    for line, r in enumerate(rows, start=2):
+        slide_id, fold = r["slide_id"], (r["fold"] or "").strip()
+        if slide_id in first_line:
+            raise NapariMilError(f"{path} line {line}: slide {slide_id!r} is listed twice (first on line "
+                                 f"{first_line[slide_id]}): it was not written by napari-mil train")
+        first_line[slide_id] = line
+        if not fold.isdigit():
+            raise NapariMilError(f"{path} line {line}: fold {fold!r} is not a fold number")
     return rows
 
 
@@ -200,7 +237,7 @@ def out_of_fold(models_dir: str | Path, features_root: str | Path, out: str | Pa
         for r in fold_rows:
             slide_id = r["slide_id"]
             try:
-                bag = FeatureBag.load(feature_path(features_root, fold_encoder, slide_id))
+                bag = FeatureBag.load(feature_path(features_root, fold_encoder, check_name(slide_id)))
                 pred = predict_bag(model, meta, bag, slide_id, fold_encoder)
                 write_prediction(out, pred, bag, meta, part=part, fold=k, checkpoint=checkpoints[k].name)
                 result.rows.append({"slide_id": slide_id, "patient_id": r.get("patient_id", ""), "fold": k,
