@@ -35,3 +35,26 @@ class FeatureStoreError(NapariMilError):
 
 class ExtractionCancelled(NapariMilError):
     """Feature extraction stopped on request; finished chunks are kept on disk."""
+
+
+def os_error_message(exc: OSError, path=None) -> str:
+    """One line for a file-system error: the path, what went wrong and what to do."""
+    import errno
+
+    where = path if path is not None else (exc.filename if exc.filename is not None else None)
+    code = getattr(exc, "errno", None)
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        said = "permission denied (a read-only folder or disk?): fix its permissions or choose another folder"
+    elif code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        said = "the disk is full: free some space (or choose another disk) and run again"
+    elif code in (errno.EEXIST, errno.ENOTDIR):
+        said = "a file is in the way where a folder is needed: give a folder, or move the file"
+    elif code == errno.EISDIR:
+        said = "is a folder, not a file: give the file"
+    elif code == errno.ENOENT:
+        said = "does not exist: check the path"
+    elif code == errno.ENAMETOOLONG:
+        said = "the name is too long: choose a shorter path"
+    else:
+        said = f"{exc.strerror or exc}: check the file and the disk"
+    return f"{where}: {said}" if where is not None else said
