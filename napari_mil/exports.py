@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import numpy as np
 
 from napari_mil.atomic import atomic_path
 from napari_mil.errors import NapariMilError
-from napari_mil.heatmaps import MASK_KINDS, AttentionMap, load_attention
+from napari_mil.heatmaps import MASK_KINDS, MAX_PIXELS, NORMALISATIONS, AttentionMap, check_pixels, load_attention
+from napari_mil.names import check_name
 from napari_mil.paths import DATA_DIR
 
 EXPORT_FORMATS = ("geojson", "csv", "png", "topk")
@@ -117,24 +119,32 @@ def _colormap_tables() -> dict[str, np.ndarray]:
 
 def render_overlay(amap: AttentionMap, dimensions: tuple[int, int], downsample: float, how: str = "minmax",
                    limits: tuple[float, float] | None = None, colormap: str = "inferno",
-                   background: np.ndarray | None = None, opacity: float = 0.6) -> np.ndarray:
+                   background: np.ndarray | None = None, opacity: float = 0.6,
+                   max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """(H, W, 4) uint8 RGBA of the map over a slide of level-0 ``dimensions`` (width, height) at
     ``downsample`` level-0 pixels per output pixel; transparent where there is no patch, or
-    blended over ``background`` (an RGB image of the slide at that size) with ``opacity``."""
+    blended over ``background`` (an RGB image of the slide at that size) with ``opacity``.
+    Images of more than ``max_pixels`` are refused before they are made."""
     from PIL import Image
 
-    if downsample <= 0:
-        raise NapariMilError("the downsample must be positive")
+    if not (math.isfinite(downsample) and downsample > 0):
+        raise NapariMilError(f"the downsample must be a positive number, not {downsample}")
     width, height = (max(1, round(d / downsample)) for d in dimensions)
-    values = amap.image(how)
+    remedy = "choose a larger downsample, or raise the limit (--max-pixels) if the memory is there"
+    check_pixels(width, height, max_pixels, f"a PNG of a {dimensions[0]} x {dimensions[1]} px slide at downsample "
+                 f"{downsample:g}", remedy)
+    step = amap.step_level0 / downsample
+    cell_rows, cell_cols = amap.grid_index()[2]
+    cells_w, cells_h = max(1, round(cell_cols * step)), max(1, round(cell_rows * step))
+    check_pixels(cells_w, cells_h, max_pixels, f"the map's {len(amap)} patches at downsample {downsample:g}",
+                 "are the coordinates those of this slide?")
+    values = amap.image(how, max_pixels=max_pixels)
     low, high = limits or (float(np.nanmin(values)), float(np.nanmax(values)))
     scaled = np.clip((values - low) / (high - low if high > low else 1.0), 0, 1)
     lut = colormap_lut(colormap)
     rgba = lut[np.nan_to_num(scaled * 255, nan=0).round().astype(np.uint8)]
     rgba[np.isnan(values)] = 0
-    step = amap.step_level0 / downsample
-    cells = Image.fromarray(rgba).resize((max(1, round(rgba.shape[1] * step)), max(1, round(rgba.shape[0] * step))),
-                                         Image.Resampling.NEAREST)
+    cells = Image.fromarray(rgba).resize((cells_w, cells_h), Image.Resampling.NEAREST)
     canvas = Image.new("RGBA", (width, height), (0, 0, 0, 0))
     x0, y0 = amap.coords.min(0)
     canvas.paste(cells, (round(x0 / downsample), round(y0 / downsample)))
@@ -156,16 +166,21 @@ def export_overlay_png(path: str | Path, amap: AttentionMap, dimensions: tuple[i
     return _atomic(Path(path), lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
 
 
-def export_top_k(folder: str | Path, slide, amap: AttentionMap, k: int = 8, out_size: int = 256) -> list[Path]:
+def export_top_k(folder: str | Path, slide, amap: AttentionMap, k: int = 8, out_size: int = 256,
+                 max_pixels: int = MAX_PIXELS) -> list[Path]:
     """The k highest-attention patches as PNGs, named by rank and level-0 position, read from
-    the slide level closest to ``out_size`` pixels per patch."""
+    the slide level closest to ``out_size`` pixels per patch (a read of more than ``max_pixels``
+    is refused)."""
     from PIL import Image
 
     folder = Path(folder)
+    check_name(amap.name, "map name")
     size0 = amap.patch_size_level0
     level = slide.best_level_for_downsample(size0 / out_size)
     ds = slide.level_downsamples[level]
     side = max(1, round(size0 / ds))
+    check_pixels(side, side, max_pixels, f"a top-k patch of {size0} level-0 px read at level {level}",
+                 "the file's patch size does not fit this slide; is it the right slide?")
     paths = []
     for rank, i in enumerate(amap.top_k(k), start=1):
         x, y = (int(v) for v in amap.coords[i])
@@ -188,35 +203,61 @@ def export_formats(formats: str | Iterable[str]) -> list[str]:
 
 def export_attention_file(path: str | Path, out: str | Path, formats: str | Iterable[str] = "geojson,csv,png",
                           slide_path: str | Path | None = None, downsample: float = 32.0, norm: str = "minmax",
-                          colormap: str = "inferno", k: int = 8, name: str | None = None) -> list[Path]:
+                          colormap: str = "inferno", k: int = 8, name: str | None = None,
+                          max_pixels: int = MAX_PIXELS, force: bool = False) -> list[Path]:
     """An attention file (from predict) as QuPath GeoJSON, per-patch CSV, a PNG overlay and the
     top-k patches, named after the file under ``out``; returns the files written.
 
     The PNG covers the slide when ``slide_path`` is given, else the patches' extent; the top-k
-    patches are read from the slide, so ``topk`` needs ``slide_path``. ``name`` names the map in
-    the files (default: the file's name).
+    patches are read from the slide, so ``topk`` needs ``slide_path``. A slide whose name is not
+    the one the file records, or that the patches do not fit, is refused unless ``force``.
+    ``name`` names the map in the files (default: the file's name). Everything asked is checked
+    before the first file is written.
     """
     from napari_mil.slide import open_slide
 
     formats = export_formats(formats)
     if "topk" in formats and not slide_path:
         raise NapariMilError("the top-k patches are read from the slide: give the slide file")
+    colormap_lut(colormap)
+    if norm not in NORMALISATIONS:
+        raise NapariMilError(f"unknown normalisation {norm!r}; choose one of {', '.join(NORMALISATIONS)}")
     out, stem = Path(out), Path(path).stem
-    amap, _ = load_attention(path, name=name or stem)
-    maps = {amap.name: amap}
-    written = []
-    if "geojson" in formats:
-        written.append(export_geojson(out / f"{stem}.geojson", maps))
-    if "csv" in formats:
-        written.append(export_csv(out / f"{stem}.csv", maps))
+    amap, attrs = load_attention(path, name=check_name(name, "map name") if name else stem)
     slide = open_slide(slide_path) if slide_path else None
     try:
+        if slide is not None and not force:
+            _check_slide(Path(path).name, attrs, amap, slide)
         dims = slide.dimensions if slide else tuple(int(v) for v in amap.coords.max(0) + amap.patch_size_level0)
+        if "png" in formats:  # rendered before any file is written: a map too large is refused first
+            image = render_overlay(amap, dims, downsample, how=norm, colormap=colormap, max_pixels=max_pixels)
+        maps = {amap.name: amap}
+        written = []
+        if "geojson" in formats:
+            written.append(export_geojson(out / f"{stem}.geojson", maps))
+        if "csv" in formats:
+            written.append(export_csv(out / f"{stem}.csv", maps))
         if "png" in formats:
-            written.append(export_overlay_png(out / f"{stem}.png", amap, dims, downsample, how=norm, colormap=colormap))
+            from PIL import Image
+
+            written.append(_atomic(out / f"{stem}.png", lambda tmp: Image.fromarray(image).save(tmp, format="PNG")))
         if "topk" in formats:
-            written += export_top_k(out / f"{stem}_top{k}", slide, amap, k)
+            written += export_top_k(out / f"{stem}_top{k}", slide, amap, k, max_pixels=max_pixels)
     finally:
         if slide is not None:
             slide.close()
     return written
+
+
+def _check_slide(file_name: str, attrs: dict, amap: AttentionMap, slide) -> None:
+    """Refuse a slide that is not the one the attention file was made of: another name than the
+    one it records, or patches that start outside it."""
+    recorded = sorted({str(attrs[k]) for k in ("slide_id", "name") if attrs.get(k) not in (None, "", "None")})
+    if recorded and slide.name not in recorded:
+        raise NapariMilError(f"{file_name} is the attention of slide {' / '.join(recorded)}, not of {slide.name}: "
+                             "give that slide's file, or --force to export over this one")
+    w, h = slide.dimensions
+    x, y = (int(v) for v in amap.coords.max(0))
+    if amap.coords.min() < 0 or x >= w or y >= h:
+        raise NapariMilError(f"{file_name} has patches up to ({x}, {y}), outside {slide.name} ({w} x {h} px): it is "
+                             "the attention of another slide; give that slide's file, or --force")

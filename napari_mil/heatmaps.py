@@ -26,12 +26,24 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_mil.errors import NapariMilError
+from napari_mil.errors import NapariMilError, os_error_message
 from napari_mil.geometry import PatchGeometry
 
 NORMALISATIONS = ("raw", "minmax", "rank", "log")
 MASK_KINDS = ("high", "low", "random")  # MHIM-MIL's masks: random-high, low, random
 OUTLINE_CELL = 8  # pixels per patch side in mask outline images (a frame 1/8 of the patch wide)
+MAX_PIXELS = 250_000_000  # the largest image made unless told otherwise: 1 GB as RGBA
+
+
+class ImageTooLargeError(NapariMilError):
+    """An image that would take more memory than the pixel limit allows."""
+
+
+def check_pixels(width: int, height: int, max_pixels: int, what: str, remedy: str) -> None:
+    """Refuse an image of more than ``max_pixels`` pixels before it is allocated."""
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"{what} would be {width} x {height} pixels ({width * height / 1e6:,.0f} "
+                                 f"megapixels, over the limit of {max_pixels / 1e6:,.0f}): {remedy}")
 
 
 @dataclass
@@ -132,8 +144,16 @@ class AttentionMap:
             self._grid_index = row, col, (int(row.max()) + 1, int(col.max()) + 1)
         return self._grid_index
 
-    def image(self, how: str = "minmax", values: np.ndarray | None = None) -> np.ndarray:
+    def check_size(self, max_pixels: int = MAX_PIXELS, cell: int = 1) -> None:
+        """Refuse a map whose patches are spread so far for their grid step (a damaged file: a
+        coordinate at 1e8) that its image, ``cell`` pixels per patch side, passes ``max_pixels``."""
+        h, w = self.grid_index()[2]
+        check_pixels(w * cell, h * cell, max_pixels, f"the map of {len(self)} patches every {self.step_level0} px",
+                     "its coordinates span far more than a slide; is the file damaged?")
+
+    def image(self, how: str = "minmax", values: np.ndarray | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         """(H, W) float32, one pixel per grid step, NaN where there is no patch."""
+        self.check_size(max_pixels)
         row, col, shape = self.grid_index()
         img = np.full(shape, np.nan, dtype=np.float32)
         img[row, col] = self.normalised(how) if values is None else values
@@ -141,6 +161,7 @@ class AttentionMap:
 
     def mask_image(self, kind: str) -> np.ndarray:
         """(H, W) uint8 labels: 1 where the patch was masked by ``kind``, else 0."""
+        self.check_size()
         row, col, shape = self.grid_index()
         img = np.zeros(shape, dtype=np.uint8)
         flags = self.masked.get(kind)
@@ -152,6 +173,7 @@ class AttentionMap:
         """(H * cell, W * cell) uint8: 1 on a one-pixel frame around each patch's cell that ``kind``
         masked, else 0; ``placement(cell)`` puts it over the slide. One image however many patches
         are masked, so it draws as fast for 100k patches as for 100."""
+        self.check_size(cell=cell)
         mask = self.mask_image(kind).astype(bool)
         frame = np.ones((cell, cell), bool)
         frame[1:-1, 1:-1] = False
@@ -224,11 +246,22 @@ def load_attention(path: str | os.PathLike, name: str | None = None) -> tuple[At
     from napari_mil._h5 import plain_attr
 
     path = Path(path)
+    if not path.is_file():
+        raise AttentionFileError(f"{path} does not exist" if not path.exists() else f"{path} is a folder, not a file")
     try:
         with h5py.File(path, "r") as fh:
             coords, values = fh["coords"][:], fh["attention"][:]
             attrs = {k: plain_attr(v) for k, v in fh.attrs.items()}
-    except (OSError, KeyError) as exc:
+    except OSError as exc:
+        if exc.errno is not None:  # the file system's error, not the file's content
+            raise AttentionFileError(os_error_message(exc, path)) from None
         raise AttentionFileError(f"{path}: not an attention file ({exc})") from None
-    geometry = PatchGeometry.from_attrs(attrs, coords)
-    return AttentionMap.from_geometry(coords, values, geometry, name=name or path.stem), attrs
+    except KeyError as exc:
+        raise AttentionFileError(f"{path}: not an attention file ({exc})") from None
+    try:
+        geometry = PatchGeometry.from_attrs(attrs, coords)
+        return AttentionMap.from_geometry(coords, values, geometry, name=name or path.stem), attrs
+    except NapariMilError as exc:
+        raise AttentionFileError(f"{path}: {exc}") from None
+    except (TypeError, ValueError) as exc:  # coordinates or values that are not numbers
+        raise AttentionFileError(f"{path}: not an attention file ({exc})") from None
