@@ -21,6 +21,8 @@ from napari_mil.geometry import PatchGeometry, grid_step
 from napari_mil.slide.base import Slide
 from napari_mil.tissue import TissueMask
 
+MIN_PATCH_SIZE = 8  # pixels at the target: smaller patches show an encoder nothing
+
 
 @dataclass(eq=False)
 class PatchGrid:
@@ -40,7 +42,7 @@ class PatchGrid:
     level0_magnification: float | None
     slide_name: str = ""
     slide_dimensions: tuple[int, int] = (0, 0)  # level-0 (width, height)
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # attrs kept with the grid: "grid_settings", what tiled it
 
     def __len__(self) -> int:
         return len(self.coords)
@@ -77,6 +79,7 @@ class PatchGrid:
             "level_downsample": self.level_downsample,
             "coords_reference": "level0_top_left_xy",
             "generator": "napari-mil",
+            **self.extra,
         }
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -144,6 +147,7 @@ class PatchGrid:
             patch_size_level=ps_level, level_downsample=level_ds, overlap=overlap, target_mpp=target_mpp,
             target_magnification=target_mag, level0_mpp=mpp0, level0_magnification=mag0,
             slide_name=name, slide_dimensions=dims,
+            extra={k: a[k] for k in ("grid_settings",) if k in a},
         )
 
 
@@ -228,8 +232,8 @@ def make_patch_grid(
     """
     if target_mpp is None and magnification is None:
         magnification = 20.0
-    if patch_size < 8:
-        raise GridError(f"patch size {patch_size} px is too small (at least 8)")
+    if patch_size < MIN_PATCH_SIZE:
+        raise GridError(f"patch size {patch_size} px is too small (at least {MIN_PATCH_SIZE})")
     if not 0 <= overlap < patch_size:
         raise GridError(f"overlap must be in [0, patch size), got {overlap} for {patch_size} px patches")
     if not 0.0 <= min_tissue <= 1.0:

@@ -14,16 +14,18 @@ The core never imports Qt: callers get progress through callbacks and stop work 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from napari_mil.atomic import atomic_path, write_json
 from napari_mil.errors import ExtractionCancelled, GridError, NapariMilError
+from napari_mil.names import check_name
 from napari_mil.slide.base import Slide, is_slide_path, validate_mpp
-from napari_mil.tiling import PatchGrid, make_patch_grid
+from napari_mil.tiling import MIN_PATCH_SIZE, PatchGrid, make_patch_grid
 from napari_mil.tissue import PRESETS, TissueMask, TissueParams, detect_tissue
 
 
@@ -53,8 +55,8 @@ class GridSettings:
         elif not _number(self.magnification, "target magnification") > 0:
             raise GridError(f"target magnification must be positive, got {self.magnification}")
         patch_size, overlap = _whole(self.patch_size, "patch size"), _whole(self.overlap, "overlap")
-        if patch_size < 8:
-            raise GridError(f"patch size {patch_size} px is too small (at least 8)")
+        if patch_size < MIN_PATCH_SIZE:
+            raise GridError(f"patch size {patch_size} px is too small (at least {MIN_PATCH_SIZE})")
         if not 0 <= overlap < patch_size:
             raise GridError(f"overlap must be in [0, patch size), got {overlap} for {patch_size} px patches")
         if not 0.0 <= _number(self.min_tissue, "minimum tissue fraction") <= 1.0:
@@ -70,6 +72,12 @@ class GridSettings:
         if self.mpp is not None:
             validate_mpp(self.mpp)
 
+    def record(self) -> str:
+        """What a grid file keeps of the settings that made it (``grid_settings``), for later runs
+        to tell whether it is theirs. The fallback ``mpp`` is left out: the grid's geometry has
+        the µm per pixel that was used."""
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "mpp"}, sort_keys=True)
+
     def tissue_params(self) -> TissueParams:
         """The preset's detector parameters with this setting's overrides."""
         overrides = {k: v for k, v in (("saturation_threshold", self.saturation_threshold),
@@ -79,7 +87,7 @@ class GridSettings:
     def grid_options(self) -> dict:
         """``make_patch_grid``'s keyword arguments."""
         return dict(patch_size=self.patch_size, target_mpp=self.target_mpp,
-                    magnification=None if self.target_mpp else self.magnification,
+                    magnification=None if self.target_mpp is not None else self.magnification,
                     overlap=self.overlap, min_tissue=self.min_tissue)
 
 
@@ -136,12 +144,12 @@ def expand_inputs(inputs: list[str]) -> list[tuple[Path, float | None]]:
                 column = next((c for c in ("path", "slide_path", "slide") if c in (reader.fieldnames or [])), None)
                 if column is None:
                     raise NapariMilError(f"{p}: no 'path' column (columns: {', '.join(reader.fieldnames or [])})")
-                for row in reader:
+                for line, row in enumerate(reader, start=2):
                     sp = Path(row[column])
                     if not sp.is_absolute():
                         sp = p.parent / sp
-                    mpp = float(row["mpp"]) if row.get("mpp") else None
-                    out.append((sp, mpp))
+                    mpp = (row.get("mpp") or "").strip()
+                    out.append((sp, validate_mpp(mpp, f"{p.name} line {line}: mpp") if mpp else None))
         elif p.is_dir() and not any(p.glob("*.dcm")):
             out.extend((f, None) for f in sorted(p.iterdir()) if f.is_file() and is_slide_path(f))
         else:
@@ -176,9 +184,11 @@ def tile_slide(path: str | Path, out: str | Path, settings: GridSettings = GridS
     out = Path(out)
     with _open(path, settings, mpp) as slide:
         slide.require_mpp()
+        check_name(slide.name, "slide name")
         mask = detect(slide, settings)
         mask_path = mask.save(out / "masks" / f"{slide.name}.png")
         grid = make_grid(slide, mask, settings)
+        grid.extra["grid_settings"] = settings.record()
         grid_path = grid.save(out / "patches" / f"{slide.name}.h5")
         preview_path = out / "previews" / f"{slide.name}.png"
         with atomic_path(preview_path) as tmp:
@@ -188,15 +198,44 @@ def tile_slide(path: str | Path, out: str | Path, settings: GridSettings = GridS
 
 def slide_grid(path: str | Path, out: str | Path, settings: GridSettings = GridSettings(),
                mpp: float | None = None) -> SlideGrid:
-    """The slide's grid: reused from ``out``/patches/<slide>.h5 when present, else tiled now."""
+    """The slide's grid: reused from ``out``/patches/<slide>.h5 when it fits ``settings`` (see
+    ``_fits``), else tiled now, over it. An unreadable grid file is a GridError saying so."""
     out = Path(out)
     with _open(path, settings, mpp) as slide:
-        grid_file = out / "patches" / f"{slide.name}.h5"
+        grid_file = out / "patches" / f"{check_name(slide.name, 'slide name')}.h5"
         if grid_file.exists():
-            return SlideGrid(PatchGrid.load(grid_file, slide=slide), slide.mpp, tiled=False)
+            grid = _load_grid(grid_file, slide)
+            if _fits(grid, slide, settings):
+                return SlideGrid(grid, slide.mpp, tiled=False)
     tile_slide(path, out, settings, mpp)
     with _open(path, settings, mpp) as slide:
-        return SlideGrid(PatchGrid.load(grid_file, slide=slide), slide.mpp, tiled=True)
+        return SlideGrid(_load_grid(grid_file, slide), slide.mpp, tiled=True)
+
+
+def _load_grid(grid_file: Path, slide: Slide) -> PatchGrid:
+    try:
+        return PatchGrid.load(grid_file, slide=slide)
+    except GridError:
+        raise
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise GridError(f"{grid_file} cannot be read as a patch grid ({exc}): delete it to tile the slide "
+                        "again") from None
+
+
+def _fits(grid: PatchGrid, slide: Slide, settings: GridSettings) -> bool:
+    """Whether a grid file has the geometry ``settings`` give on this slide (patch size, level-0
+    extent, overlap, µm per pixel) and, when it records them (``tile`` does), the same tissue
+    settings. A grid made elsewhere with the same geometry (edited in the viewer, TRIDENT's) fits."""
+    from napari_mil.tiling import target_downsample
+
+    options = settings.grid_options()
+    size0 = int(round(settings.patch_size * target_downsample(slide, options["target_mpp"], options["magnification"])))
+    if (grid.patch_size, grid.patch_size_level0, grid.overlap) != (settings.patch_size, size0, settings.overlap):
+        return False
+    if grid.level0_mpp is None or not math.isclose(grid.level0_mpp, slide.require_mpp(), rel_tol=1e-6):
+        return False
+    recorded = grid.extra.get("grid_settings")
+    return recorded is None or recorded == settings.record()
 
 
 def slide_to_bag(path: str | Path, encoder, out: str | Path, settings: GridSettings = GridSettings(),
