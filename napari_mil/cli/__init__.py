@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from napari_mil.cli.output import error
 from napari_mil.cli.parser import build_parser
-from napari_mil.errors import NapariMilError
+from napari_mil.errors import NapariMilError, os_error_message
 
 __all__ = ["build_parser", "main"]
 
@@ -29,4 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except NapariMilError as exc:
         error(exc)
+        return 1
+    except OSError as exc:  # a file the command could not read or write: its path and what to do
+        error(os_error_message(exc))
         return 1

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from napari_mil.atomic import write_csv
-from napari_mil.cli.output import TileBar, error, progress_bar, warning, write_line
-from napari_mil.errors import NapariMilError
+from napari_mil.cli.output import TileBar, error, failure, output_folder, progress_bar, warning, write_line
+from napari_mil.errors import NapariMilError, os_error_message
 from napari_mil.usecases.slide_to_bag import (
     GridSettings,
     expand_inputs,
@@ -48,8 +48,11 @@ def cmd_tile(args) -> int:
     slides = _slides(args)
     if slides is None:
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out = output_folder(args.out)
+    except NapariMilError as exc:
+        error(exc)
+        return 2
     failures = 0
     rows = []
     for path, mpp in progress_bar(slides, desc="tiling", unit="slide", disable=args.quiet or len(slides) == 1):
@@ -59,10 +62,10 @@ def cmd_tile(args) -> int:
                          "tissue_fraction": f"{result.tissue_fraction:.4f}", "error": ""})
             if not args.quiet:
                 write_line(f"{path.name}: {result.patches} patches, tissue {result.tissue_fraction:.1%}")
-        except NapariMilError as exc:
+        except (NapariMilError, OSError) as exc:
             failures += 1
-            rows.append({"slide": str(path), "patches": 0, "tissue_fraction": "", "error": str(exc)})
-            write_line(f"error: {exc}", file=sys.stderr)
+            rows.append({"slide": str(path), "patches": 0, "tissue_fraction": "", "error": failure(exc)})
+            write_line(f"error: {failure(exc)}", file=sys.stderr)
     write_csv(out / "tiling_summary.csv", rows)
     return 1 if failures else 0
 
@@ -80,11 +83,10 @@ def cmd_extract(args) -> int:
             encoder = create_encoder(args.encoder, weights=args.weights, device=args.device)
         for w in caught:
             warning(w.message)
+        out = output_folder(args.out)
     except NapariMilError as exc:
         error(exc)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     runs, failures = [], 0
     for path, mpp in slides:
         t0 = time.perf_counter()
@@ -100,12 +102,16 @@ def cmd_extract(args) -> int:
             runs.append({"slide": str(path), "features": str(result.path), "patches": len(result.bag),
                          "state": state, "seconds": round(result.seconds, 3), "tiles_per_s": round(result.tiles_per_s, 1),
                          "skipped": result.skipped, "batch_size": result.batch_size})
-        except NapariMilError as exc:
+        except (NapariMilError, OSError) as exc:
             bar.close()
             failures += 1
-            runs.append({"slide": str(path), "error": str(exc), "seconds": round(time.perf_counter() - t0, 3)})
-            write_line(f"error: {exc}", file=sys.stderr)
-    write_extract_manifest(out, encoder, {k: v for k, v in vars(args).items() if k not in ("func", "slides")}, runs)
+            runs.append({"slide": str(path), "error": failure(exc), "seconds": round(time.perf_counter() - t0, 3)})
+            write_line(f"error: {failure(exc)}", file=sys.stderr)
+    try:
+        write_extract_manifest(out, encoder, {k: v for k, v in vars(args).items() if k not in ("func", "slides")}, runs)
+    except OSError as exc:
+        error(f"the manifest was not written: {os_error_message(exc)}")
+        return 1
     return 1 if failures else 0
 
 
@@ -124,9 +130,9 @@ def cmd_export(args) -> int:
     try:
         written = export_attention_file(args.attention, args.out, formats, slide_path=args.slide,
                                         downsample=args.downsample, norm=args.norm, colormap=args.colormap, k=args.k,
-                                        name=args.name)
+                                        name=args.name, max_pixels=args.max_pixels, force=args.force)
     except (NapariMilError, OSError) as exc:
-        error(exc)
+        error(failure(exc))
         return 1
     if not args.quiet:
         for path in written:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
+
+from napari_mil.errors import NapariMilError, os_error_message
 
 
 def error(message) -> None:
@@ -15,6 +19,24 @@ def warning(message) -> None:
 
 def note(message) -> None:
     print(f"note: {message}", file=sys.stderr)
+
+
+def output_folder(path) -> Path:
+    """The --out folder, made when missing; a NapariMilError that says what to do when it cannot
+    be (a file in the way) or cannot be written to (checked before any work, not at its end)."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NapariMilError(os_error_message(exc, out)) from None
+    if not os.access(out, os.W_OK):
+        raise NapariMilError(f"{out}: the folder is not writable: fix its permissions or choose another --out")
+    return out
+
+
+def failure(exc: Exception) -> str:
+    """A slide's error as one line: the core's message, or a file-system error with its path."""
+    return os_error_message(exc) if isinstance(exc, OSError) else str(exc)
 
 
 def write_line(message: str, file=None) -> None:

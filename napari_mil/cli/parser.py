@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 
 from napari_mil import __version__
+from napari_mil.cli import options as opt
+from napari_mil.cli.options import ranged
 from napari_mil.encoders import DEFAULT_ENCODER
 from napari_mil.exports import COLORMAPS
+from napari_mil.heatmaps import MAX_PIXELS
 from napari_mil.usecases.slide_to_bag import GridSettings
 
 DESCRIPTION = "Command line: the same core functions as the napari docks."
@@ -18,20 +21,23 @@ def _add_grid_options(p: argparse.ArgumentParser) -> None:
 
     d = GridSettings()
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--magnification", type=float, default=d.magnification,
-                        help="target magnification (default %(default)g)")
-    target.add_argument("--target-mpp", type=float, default=d.target_mpp,
-                        help="target µm per pixel instead of a magnification")
-    p.add_argument("--patch-size", type=int, default=d.patch_size,
-                   help="patch side in pixels at the target (default %(default)s)")
-    p.add_argument("--overlap", type=int, default=d.overlap,
-                   help="pixels shared by neighbouring patches (default %(default)s)")
-    p.add_argument("--min-tissue", type=float, default=d.min_tissue,
-                   help="minimum tissue fraction per patch (default %(default)s)")
+    target.add_argument("--magnification", type=opt.POSITIVE, default=d.magnification,
+                        help=ranged("target magnification", opt.POSITIVE))
+    target.add_argument("--target-mpp", type=opt.POSITIVE, default=d.target_mpp,
+                        help=ranged("target µm per pixel instead of a magnification", opt.POSITIVE, default=False))
+    p.add_argument("--patch-size", type=opt.PATCH_SIZE, default=d.patch_size,
+                   help=ranged("patch side in pixels at the target", opt.PATCH_SIZE))
+    p.add_argument("--overlap", type=opt.INTEGER, default=d.overlap,
+                   help="pixels shared by neighbouring patches (0 to less than the patch size; default %(default)s)")
+    p.add_argument("--min-tissue", type=opt.FRACTION, default=d.min_tissue,
+                   help=ranged("minimum tissue fraction per patch", opt.FRACTION))
     p.add_argument("--preset", choices=list(PRESETS), default=d.preset)
-    p.add_argument("--saturation-threshold", type=int, default=d.saturation_threshold, help="0-255; default Otsu")
-    p.add_argument("--min-tissue-area", type=float, default=None, help="smallest tissue piece kept, mm²")
-    p.add_argument("--mpp", type=float, default=d.mpp, help="µm per pixel for slides that record none")
+    p.add_argument("--saturation-threshold", type=opt.SATURATION, default=d.saturation_threshold,
+                   help=ranged("tissue saturation threshold; default Otsu", opt.SATURATION, default=False))
+    p.add_argument("--min-tissue-area", type=opt.AREA_MM2, default=None,
+                   help=ranged("smallest tissue piece kept, mm²", opt.AREA_MM2, default=False))
+    p.add_argument("--mpp", type=opt.MPP, default=d.mpp,
+                   help=f"µm per pixel for slides that record none ({opt.MPP_HELP})")
     p.add_argument("--quiet", "-q", action="store_true")
 
 
@@ -58,16 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mimics, for learning that is not trivial.")
     s.add_argument("out", help="output .tif (or a folder with --cohort)")
     s.add_argument("--semireal", action="store_true", help="semi-real slides (napari_mil.synthetic.semireal) instead of cartoons")
-    s.add_argument("--difficulty", type=float, default=DEFAULT_DIFFICULTY,
-                   help="semi-real: 0 obvious lesions, 1 none visible (default %(default)s, calibrated in "
-                        "docs/benchmarks.md)")
-    s.add_argument("--cohort", type=int, default=0, help="write this many labelled slides and labels.csv")
-    s.add_argument("--width", type=int, default=None,
-                   help="level-0 width (default 16384; semi-real 7168)")
-    s.add_argument("--height", type=int, default=None, help="level-0 height (default 12288; semi-real 5632)")
-    s.add_argument("--mpp", type=float, default=0.25, help="cartoon slides only (semi-real slides have CMU-1's 0.499)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--tumour-burden", type=float, default=0.15, help="tumour (lesion) fraction of the tissue (0: none)")
+    s.add_argument("--difficulty", type=opt.FRACTION, default=DEFAULT_DIFFICULTY,
+                   help=ranged("semi-real: 0 obvious lesions, 1 none visible, calibrated in docs/benchmarks.md",
+                               opt.FRACTION))
+    s.add_argument("--cohort", type=opt.WHOLE, default=0,
+                   help=ranged("write this many labelled slides and labels.csv", opt.WHOLE))
+    s.add_argument("--width", type=opt.COUNT, default=None,
+                   help=ranged("level-0 width; default 16384, semi-real 7168", opt.COUNT, default=False))
+    s.add_argument("--height", type=opt.COUNT, default=None,
+                   help=ranged("level-0 height; default 12288, semi-real 5632", opt.COUNT, default=False))
+    s.add_argument("--mpp", type=opt.MPP, default=0.25,
+                   help=f"cartoon slides only, semi-real slides have CMU-1's 0.499 ({opt.MPP_HELP}; "
+                        "default %(default)s)")
+    s.add_argument("--seed", type=opt.SEED, default=0, help=ranged("random seed", opt.SEED))
+    s.add_argument("--tumour-burden", type=opt.FRACTION, default=0.15,
+                   help=ranged("tumour (lesion) fraction of the tissue (0: none)", opt.FRACTION))
     s.add_argument("--pen-marks", action="store_true")
     s.add_argument("--debris", action="store_true", help="debris specks (semi-real: floaters)")
     s.set_defaults(func=cmd_synthetic)
@@ -79,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "torchscript:PATH or module:pkg.mod:fn")
     e.add_argument("--weights", default=None, help="local weights file for the encoder")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--workers", type=int, default=None, help="patch-reading processes (default: up to 4)")
+    e.add_argument("--batch-size", type=opt.COUNT, default=64, help=ranged("patches per encoder batch", opt.COUNT))
+    e.add_argument("--workers", type=opt.WORKERS, default=None,
+                   help=ranged("patch-reading processes; default up to 4", opt.WORKERS, default=False))
     e.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="on-disk precision")
     _add_grid_options(e)
     e.set_defaults(func=cmd_extract)
@@ -94,11 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--features", required=True, help="the folder holding features_<encoder>/")
     tr.add_argument("--encoder", default=DEFAULT_ENCODER, help="the features' encoder (default %(default)s)")
     tr.add_argument("--model", default="abmil", choices=list_models(), help="the MIL model (default %(default)s)")
-    tr.add_argument("--transmil-dim", type=int, default=None, metavar="N",
-                    help="TransMIL: embedding width (default 512; a multiple of --transmil-heads)")
-    tr.add_argument("--transmil-heads", type=int, default=None, metavar="N", help="TransMIL: attention heads (default 8)")
-    tr.add_argument("--transmil-landmarks", type=int, default=None, metavar="N",
-                    help="TransMIL: Nyström landmarks (default 256)")
+    tr.add_argument("--transmil-dim", type=opt.INTEGER, default=None, metavar="N",
+                    help="TransMIL: embedding width (1-8192, a multiple of --transmil-heads; default 512)")
+    tr.add_argument("--transmil-heads", type=opt.INTEGER, default=None, metavar="N",
+                    help="TransMIL: attention heads (>= 1; default 8)")
+    tr.add_argument("--transmil-landmarks", type=opt.INTEGER, default=None, metavar="N",
+                    help="TransMIL: Nyström landmarks (1-65536; default 256)")
     tr.add_argument("--mhim", default=None, help="train in MHIM-MIL mode with an official preset "
                     "(camelyon16_abmil, tcga_abmil, camelyon16_transmil, tcga_transmil)")
     tr.add_argument("--mhim-score", choices=("attention", "class_aware"), default="attention",
@@ -111,27 +124,28 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--init-student", choices=("fc", "all", "none"), default=d.init_student,
                     help="MHIM-MIL: what the student takes from the baseline: its instance embedding (the official "
                          "--init_stu_type=fc), everything, or nothing (default %(default)s)")
-    tr.add_argument("--mask-ratio-h", type=float, default=None, metavar="R",
+    tr.add_argument("--mask-ratio-h", type=opt.FRACTION, default=None, metavar="R",
                     help="MHIM-MIL: override the preset's share of top-attention instances eligible for masking "
-                         "(small bags need more than the official 0.01-0.03)")
-    tr.add_argument("--folds", type=int, default=5, help="patient-level folds when the CSV has no split column "
-                    "(default %(default)s)")
-    tr.add_argument("--epochs", type=int, default=d.epochs, help="at most this many epochs (default %(default)s)")
-    tr.add_argument("--min-epochs", type=int, default=d.min_epochs,
-                    help="no early stopping and no model selection before this epoch (default %(default)s)")
-    tr.add_argument("--patience", type=int, default=d.patience,
-                    help="stop after this many epochs without a lower validation loss (default %(default)s)")
-    tr.add_argument("--lr", type=float, default=d.lr, help="Adam's learning rate (default %(default)s)")
-    tr.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default %(default)s)")
+                         "(0-1; small bags need more than the official 0.01-0.03)")
+    tr.add_argument("--folds", type=opt.FOLDS, default=5,
+                    help=ranged("patient-level folds when the CSV has no split column", opt.FOLDS))
+    tr.add_argument("--epochs", type=opt.COUNT, default=d.epochs, help=ranged("at most this many epochs", opt.COUNT))
+    tr.add_argument("--min-epochs", type=opt.WHOLE, default=d.min_epochs,
+                    help=ranged("no early stopping and no model selection before this epoch", opt.WHOLE))
+    tr.add_argument("--patience", type=opt.WHOLE, default=d.patience,
+                    help=ranged("stop after this many epochs without a lower validation loss", opt.WHOLE))
+    tr.add_argument("--lr", type=opt.POSITIVE, default=d.lr, help=ranged("Adam's learning rate", opt.POSITIVE))
+    tr.add_argument("--weight-decay", type=opt.NON_NEGATIVE, default=d.weight_decay,
+                    help=ranged("Adam's weight decay", opt.NON_NEGATIVE))
     tr.add_argument("--schedule", choices=("cosine", "constant"), default=d.schedule,
                     help="learning-rate schedule (default %(default)s)")
     tr.add_argument("--normalisation", choices=("global", "slide", "none"), default=d.normalisation,
                     help="feature normalisation fitted on the training bags and kept in the checkpoint "
                          "(default %(default)s)")
-    tr.add_argument("--bag-shift", type=float, default=d.bag_shift,
-                    help="stain augmentation in feature space: a random offset per training bag, in standard "
-                         "deviations of the features (default %(default)s)")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--bag-shift", type=opt.NON_NEGATIVE, default=d.bag_shift,
+                    help=ranged("stain augmentation in feature space: a random offset per training bag, in "
+                                "standard deviations of the features", opt.NON_NEGATIVE))
+    tr.add_argument("--seed", type=opt.SEED, default=0, help=ranged("random seed", opt.SEED))
     tr.add_argument("--device", default="auto")
     tr.add_argument("--out", "-o", required=True, help="folder for checkpoints, predictions.csv and summary.json")
     tr.add_argument("--quiet", "-q", action="store_true")
@@ -166,10 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", "-o", required=True)
     ex.add_argument("--formats", default="geojson,csv,png", help="any of geojson,csv,png,topk (default geojson,csv,png)")
     ex.add_argument("--slide", default=None, help="the slide file (needed for topk; sizes the PNG to the slide)")
-    ex.add_argument("--downsample", type=float, default=32.0, help="level-0 pixels per PNG pixel (default 32)")
+    ex.add_argument("--downsample", type=opt.POSITIVE, default=32.0,
+                    help=ranged("level-0 pixels per PNG pixel", opt.POSITIVE))
     ex.add_argument("--norm", default="minmax", choices=("raw", "minmax", "rank", "log"))
     ex.add_argument("--colormap", default="inferno", choices=COLORMAPS, help="the colour map (default %(default)s)")
-    ex.add_argument("--k", type=int, default=8, help="how many top patches (default 8)")
+    ex.add_argument("--k", type=opt.COUNT, default=8, help=ranged("how many top patches", opt.COUNT))
+    ex.add_argument("--max-pixels", type=opt.COUNT, default=MAX_PIXELS,
+                    help=ranged("the largest image made (the PNG, the map, a top-k patch read), in pixels: "
+                                "raise it for finer PNGs of large slides, with the memory they need", opt.COUNT))
+    ex.add_argument("--force", action="store_true",
+                    help="export with a --slide whose name is not the one the attention file records")
     ex.add_argument("--name", default=None, help="the map's name in the files (default: the file name)")
     ex.add_argument("--quiet", "-q", action="store_true")
     ex.set_defaults(func=cmd_export)
@@ -182,6 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run without interaction and write screenshots, exports and summary.json to OUT")
     d.add_argument("--slide", default="synthetic", choices=("synthetic", "cmu1"),
                    help="the slide to map: a held-out synthetic slide with ground truth, or the real CMU-1")
-    d.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
+    d.add_argument("--epochs", type=opt.COUNT, default=15, help=ranged("training epochs", opt.COUNT))
     d.set_defaults(func=cmd_demo)
     return parser

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from napari_mil.atomic import write_csv
-from napari_mil.cli.output import progress_bar
+from napari_mil.cli.output import error, failure, note, output_folder, progress_bar
 from napari_mil.errors import NapariMilError
+from napari_mil.names import check_name
 
 
 def cmd_predict(args) -> int:
@@ -19,28 +17,36 @@ def cmd_predict(args) -> int:
     if args.oof:
         return _predict_out_of_fold(args)
     if not args.checkpoint or not args.slides:
-        print("error: give slide IDs and --checkpoint, or --oof MODELS_DIR (the --out folder of train)", file=sys.stderr)
+        error("give slide IDs and --checkpoint, or --oof MODELS_DIR (the --out folder of train)")
+        return 2
+    twice = sorted({s for s in args.slides if args.slides.count(s) > 1})
+    if twice:
+        error(f"slide(s) {', '.join(twice)} given more than once: give each slide once")
         return 2
     try:
         model, meta = load_for_prediction(args.checkpoint, part=args.part)
     except NapariMilError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        error(exc)
         return 1
-    encoder, note = checkpoint_encoder(meta, args.encoder)
-    if note:
-        print(f"note: {note}", file=sys.stderr)
-    out = Path(args.out)
+    encoder, said = checkpoint_encoder(meta, args.encoder)
+    if said:
+        note(said)
+    try:
+        out = output_folder(args.out)
+    except NapariMilError as exc:
+        error(exc)
+        return 2
     rows, failures = [], 0
     for slide_id in args.slides:
         try:
-            bag = FeatureBag.load(feature_path(args.features, encoder, slide_id))
+            bag = FeatureBag.load(feature_path(args.features, encoder, check_name(slide_id)))
             pred = predict_bag(model, meta, bag, slide_id, encoder)
             write_prediction(out, pred, bag, meta, part=args.part)
             rows.append({"slide_id": slide_id, "probability": f"{pred.probability:.6f}", "predicted": pred.predicted,
                          "threshold": f"{pred.threshold:.6f}"})
-        except NapariMilError as exc:
+        except (NapariMilError, OSError) as exc:  # this slide only: the others go on
             failures += 1
-            print(f"error: {exc}", file=sys.stderr)
+            error(failure(exc))
     if rows:
         write_csv(out / "predictions.csv", rows)
         if not args.quiet:
@@ -54,7 +60,12 @@ def _predict_out_of_fold(args) -> int:
     from napari_mil.usecases.prediction import out_of_fold
 
     if args.checkpoint:
-        print("error: --oof takes each fold's checkpoint from MODELS_DIR: leave out --checkpoint", file=sys.stderr)
+        error("--oof takes each fold's checkpoint from MODELS_DIR: leave out --checkpoint")
+        return 2
+    try:
+        out = output_folder(args.out)
+    except NapariMilError as exc:
+        error(exc)
         return 2
     bar = progress_bar(total=0, desc="out of fold", unit="slide", disable=args.quiet)
 
@@ -63,22 +74,21 @@ def _predict_out_of_fold(args) -> int:
         bar.update(1)
 
     try:
-        result = out_of_fold(args.oof, args.features, args.out, encoder=args.encoder, part=args.part,
+        result = out_of_fold(args.oof, args.features, out, encoder=args.encoder, part=args.part,
                              slides=args.slides or None, progress=progress)
     except NapariMilError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        error(exc)
         return 2
     finally:
         bar.close()
-    for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
+    for said in result.notes:
+        note(said)
     for message in result.errors:
-        print(f"error: {message}", file=sys.stderr)
+        error(message)
     if result.rows:
-        write_csv(Path(args.out) / "predictions.csv", result.rows)
+        write_csv(out / "predictions.csv", result.rows)
         if not args.quiet:
             for r in result.rows:
                 print(f"{r['slide_id']} (fold {r['fold']}): p = {float(r['probability']):.3f} -> class {r['predicted']}")
-            print(f"{len(result.rows)} slides out of fold: {Path(args.out) / 'predictions.csv'} and "
-                  f"{Path(args.out) / 'attention'}/")
+            print(f"{len(result.rows)} slides out of fold: {out / 'predictions.csv'} and {out / 'attention'}/")
     return 1 if result.errors else 0

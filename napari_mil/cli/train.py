@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from napari_mil.cli.output import error, progress_bar, warning, write_line
+from napari_mil.cli.output import error, output_folder, progress_bar, warning, write_line
 from napari_mil.errors import NapariMilError
 
 
@@ -41,10 +41,11 @@ def cmd_train(args) -> int:
         model_cfg = _model_cfg(args)  # checked before the bags are read
         records = read_labels(args.labels)
         bags = load_bags(records, args.features, args.encoder)
-        overrides = {"mask_ratio_h": _fraction(args.mask_ratio_h, "--mask-ratio-h")} if args.mask_ratio_h is not None else {}
+        overrides = {"mask_ratio_h": args.mask_ratio_h} if args.mask_ratio_h is not None else {}  # 0-1: parser
         mhim = preset(args.mhim, score=args.mhim_score, **overrides) if args.mhim else None
         if overrides and mhim is None:
             raise NapariMilError("--mask-ratio-h changes an MHIM-MIL preset: give --mhim too")
+        output_folder(args.out)
     except (NapariMilError, KeyError) as exc:
         error(exc.args[0] if isinstance(exc, KeyError) else exc)
         return 2
@@ -89,14 +90,6 @@ def cmd_train(args) -> int:
         for said in summary["warnings"]:
             warning(said)
     return 0
-
-
-def _fraction(value: float, option: str) -> float:
-    import math
-
-    if not (math.isfinite(value) and 0 <= value <= 1):
-        raise NapariMilError(f"{option} must be a fraction between 0 and 1, not {value}")
-    return value
 
 
 def _model_cfg(args) -> dict:
