@@ -244,6 +244,7 @@ def test_teaching_demo_finds_the_lesion(make_napari_viewer, qtbot, tmp_path, mon
         assert held_out[part]["positive"] and held_out[part]["localisation_auc"] > 0.9, held_out
     assert [r["phase"] for r in summary["history"]][:2] == ["baseline", "baseline"]
     assert summary["history"][-1]["phase"] == "train" and summary["history"][-1]["masked"] > 0.2
+    assert summary["test_auc"] is not None  # the cohort's split holds test slides out
     assert {"first_picture.png", "teacher_student.png", "retrain_curves.png"} <= set(summary["files"])
     assert summary["timings_s"]["tiled_s"] < summary["timings_s"]["total_s"]
     # the screenshot: the lesion's green outline, and the hottest attention colours beside it

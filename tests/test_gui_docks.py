@@ -144,7 +144,7 @@ def mhim_pair(viewer, qtbot, with_features, tmp_path):
 def test_compare_side_by_side(viewer, qtbot, mhim_pair, tmp_path):
     import numpy as np
 
-    from napari_mil._napari._compare_widget import MASK_NAMES, ground_truth
+    from napari_mil._napari._compare_layers import MASK_NAMES, ground_truth
 
     state = mhim_pair
     compare = dock(viewer, "Compare teacher | student")
@@ -179,7 +179,8 @@ def test_compare_side_by_side(viewer, qtbot, mhim_pair, tmp_path):
     text = compare.describe(y + 10, x + 10)
     assert f"rank {round(teacher.ranks()[i])}/{n}" in text and "masked random-high" in text
 
-    # the gallery: k patches per map; a click centres the linked views on the patch
+    # the gallery: k patches per map (read in a worker); a click centres the linked views on the patch
+    qtbot.waitUntil(lambda: not compare.busy, timeout=30_000)
     assert len(compare.gallery) == 2 and len(compare.gallery[0]) == 1 + compare.k.value
     compare.gallery[1][1].clicked.emit()
     best = student.top_k(1)[0]
@@ -224,6 +225,81 @@ def test_compare_side_by_side(viewer, qtbot, mhim_pair, tmp_path):
     compare.single_view()
 
 
+def _pair(state, seed=0):
+    """A teacher | student pair over the open slide's grid, masks included."""
+    import numpy as np
+
+    from napari_mil.heatmaps import AttentionMap
+
+    grid, rng = state.grid, np.random.default_rng(seed)
+    n = len(grid)
+    flags = {kind: rng.random(n) < 0.2 for kind in ("high", "low", "random")}
+    t = AttentionMap(grid.coords, rng.dirichlet(np.ones(n)), grid.patch_size_level0, name="teacher", masked=flags)
+    s = AttentionMap(grid.coords, rng.dirichlet(np.ones(n)), grid.patch_size_level0, name="student", masked=flags)
+    return t, s
+
+
+def test_compare_shows_the_pair_the_state_announces(viewer, qtbot, tiled):
+    """Nothing calls the Compare dock: it shows each pair written to the state, and the current
+    one when it is opened after it."""
+    import numpy as np
+
+    from napari_mil._napari._state import MapPair
+
+    state = tiled.state
+    compare = dock(viewer, "Compare teacher | student")
+    teacher, student = _pair(state)
+    state.pair = MapPair(teacher, student, announce=False)
+    qtbot.waitUntil(lambda: not compare.busy and "student | attention" in viewer.layers, timeout=60_000)
+    for panel, amap in (("teacher", teacher), ("student", student)):
+        layer = viewer.layers[f"{panel} | attention"]
+        assert layer.metadata["napari_mil_map"] is amap
+        assert np.array_equal(layer.data, amap.image("minmax"), equal_nan=True)
+    assert viewer.canvas.grid.enabled and compare.maps == {"teacher": teacher, "student": student}
+
+    newer = _pair(state, seed=1)
+    state.pair = MapPair(*newer)  # a new pair updates the layers in place
+    qtbot.waitUntil(lambda: not compare.busy, timeout=60_000)
+    assert viewer.layers["student | attention"].metadata["napari_mil_map"] is newer[1]
+    assert f"over {len(newer[1])} patches" in compare.status.value
+
+    viewer.window.remove_dock_widget(compare.native)
+    _process_deletions()
+    again = dock(viewer, "Compare teacher | student")  # opened after the pair was made
+    qtbot.waitUntil(lambda: not again.busy, timeout=60_000)
+    assert again.maps["teacher"] is newer[0] and viewer.layers["teacher | attention"].metadata["napari_mil_map"] is newer[0]
+
+
+def test_gallery_reads_patches_off_the_gui_thread(viewer, qtbot, tiled, monkeypatch):
+    """The top-k patches are read in a worker thread; a request made while one is read replaces
+    those still waiting, and the gallery ends with the newest."""
+    import threading
+
+    from napari_mil._napari import _gallery
+    from napari_mil._napari._state import MapPair
+
+    reads = []
+    read = _gallery.read_top_k
+
+    def recording(slide, maps, k):
+        reads.append((threading.current_thread(), k))
+        return read(slide, maps, k)
+
+    monkeypatch.setattr(_gallery, "read_top_k", recording)
+    compare = dock(viewer, "Compare teacher | student")
+    tiled.state.pair = MapPair(*_pair(tiled.state))
+    qtbot.waitUntil(lambda: not compare.busy, timeout=60_000)
+    assert reads and all(thread is not threading.main_thread() for thread, _ in reads)
+    assert len(compare.gallery) == 2 and len(compare.gallery[0]) == 1 + compare.k.value
+
+    reads.clear()
+    for k in (2, 3, 4):  # one read starts, the next two requests wait: only the newest is read after it
+        compare.k.value = k
+    qtbot.waitUntil(lambda: not compare.busy, timeout=30_000)
+    assert [k for _, k in reads] == [2, 4]
+    assert len(compare.gallery[0]) == len(compare.gallery[1]) == 1 + 4
+
+
 def test_compare_says_what_is_missing(viewer, qtbot, with_features):
     compare = dock(viewer, "Compare teacher | student")
     assert compare.compare() is None and "no teacher and student yet" in compare.status.value
@@ -255,6 +331,27 @@ def test_retrain_trains_as_the_cli_does(viewer):
     assert retrain.train_config().teacher == "fresh" and not retrain._has_baseline_phase(retrain.train_config())
     retrain.use_mhim.value = False
     assert retrain.train_config().mhim is None and not retrain.teacher.enabled and not retrain.preset.enabled
+    from napari_mil.cli import build_parser
+
+    cli = build_parser().parse_args(["train", "labels.csv", "--features", "f", "--out", "o"])
+    assert retrain.k.value == cli.folds and retrain.seed.value == cli.seed
+
+
+def test_retrain_takes_a_setup_from_the_state(viewer, tmp_path):
+    """A training setup written to the state (as the teaching demo does) fills the form; what the
+    form does not show is kept from the setup's configuration."""
+    from napari_mil._napari._state import TrainingSetup
+    from napari_mil.training.mhim import MHIMConfig
+    from napari_mil.training.trainer import TrainConfig
+
+    retrain = dock(viewer, "Retrain")
+    recipe = MHIMConfig(mask_ratio=0.3, mask_ratio_h=0.1, mask_ratio_hr=0.5, mrh_schedule=True, score="class_aware")
+    config = TrainConfig(epochs=7, lr=2e-3, seed=4, patience=3, mhim=recipe, teacher="fresh")
+    retrain.state.training = TrainingSetup(tmp_path / "labels.csv", tmp_path / "models", config, folds=3)
+    assert retrain.cohort.value == tmp_path / "labels.csv" and retrain.checkpoint_dir.value == tmp_path / "models"
+    assert (retrain.epochs.value, retrain.seed.value, retrain.k.value, retrain.teacher.value) == (7, 4, 3, "fresh")
+    assert retrain.preset.value == "custom" and retrain.mhim_fields["mask_ratio"].value == pytest.approx(0.3)
+    assert retrain.train_config() == config
 
 
 def test_retrain_with_mhim_live_curves_and_maps(viewer, qtbot, small_cohort, tmp_path):
@@ -272,44 +369,81 @@ def test_retrain_with_mhim_live_curves_and_maps(viewer, qtbot, small_cohort, tmp
     features.workers.value = 0
     wait_for(qtbot, features, features.extract())
 
+    compare = dock(viewer, "Compare teacher | student")  # it listens to the state: nothing calls it
     retrain = dock(viewer, "Retrain")
     retrain.cohort.value = str(small_cohort)
     retrain.checkpoint_dir.value = str(tmp_path / "models")
     retrain.preset.value = "tcga_abmil"  # one click fills the recipe
     assert retrain.mhim_fields["mask_ratio"].value == pytest.approx(0.7) and retrain.mm_schedule.value
     retrain.epochs.value = 3
+    retrain.k.value = 3
     before = len(notifications())
     worker = retrain.train()
-    assert retrain.progress.max == 10 + 2 * 3  # the slides, then the baseline's and the student's epochs
+    retrain.preset.value = "camelyon16_abmil"  # changed while training: the run keeps what Train captured
     wait_for(qtbot, retrain, worker, timeout=240_000)
     assert retrain.result is not None, retrain.status.value
-    # the baseline (the teacher's start) trains first: its curves are series of their own
+    assert len(retrain.result.folds) == 3 and not retrain.result.single_split
+    # each fold's baseline (the teacher's start) trains first: its curves are series of their own,
+    # one fold at a time
     assert len(retrain.loss_plot.series["base"]) == len(retrain.loss_plot.series["base val"]) == 3
     assert len(retrain.loss_plot.series["train"]) == len(retrain.loss_plot.series["val"]) == 3
-    assert len(retrain.auc_plot.series["baseline"]) == 3
-    assert retrain.result.baseline is not None and len(retrain.result.baseline.history) == 3
+    assert len(retrain.auc_plot.series["baseline"]) == 3 and retrain.loss_plot.title == "loss, fold 3/3"
+    viewed = retrain.viewed.result
+    assert viewed.baseline is not None and len(viewed.baseline.history) == 3
     assert len(retrain.mask_plot.series["masked"]) == 3 and retrain.mask_plot.series["masked"][0][1] > 0.5
     assert retrain.epoch_label.value.startswith("MHIM-MIL epoch 3/3")
-    assert retrain.progress.value == retrain.progress.max
+    # the slides, then each fold's baseline and student epochs
+    assert retrain.progress.value == retrain.progress.max == 10 + 3 * 2 * 3
     # the preset's high-attention mask masks nothing in bags this small: said before training
     shown = notifications()[before:]
     assert any("too small" in m and "mask_ratio_h" in m for m in shown), shown
     assert "trained a baseline (3 epochs), then the MHIM-MIL student" in retrain.status.value
     assert "warning: " in retrain.status.value  # the warnings stay in the status line
-    assert (tmp_path / "models" / "abmil_retrained.safetensors").exists()
-    assert (tmp_path / "models" / "abmil_retrained_baseline.safetensors").exists()
-    assert (tmp_path / "models" / "abmil_retrained_teacher.safetensors").exists()
+    # validation and the held-out test folds; the model viewed is the one that held the open slide out
+    assert "validation AUC" in retrain.status.value and "pooled out-of-fold test AUC" in retrain.status.value
+    assert retrain.viewed.fold == retrain.result.fold_of(first["slide_id"])
+    assert f"in fold {retrain.viewed.fold + 1} of 3" in retrain.status.value and "out-of-fold view" in retrain.status.value
+    for k in range(3):
+        for suffix in ("", "_baseline", "_teacher"):
+            assert (tmp_path / "models" / f"abmil_fold{k}{suffix}.safetensors").exists()
+    assert (tmp_path / "models" / "predictions.csv").exists() and (tmp_path / "models" / "summary.json").exists()
     state = retrain.state
     assert state.teacher is not None and state.model_meta["encoder"] == "hne_stats"
-    from napari_mil._napari._compare_widget import CompareWidget
-    from napari_mil._napari._state import find_dock
-
-    compare = find_dock(viewer, CompareWidget)  # opened by the first epoch's maps
-    assert compare is not None and compare.maps
+    assert state.model_meta["train_config"]["mhim"]["mask_ratio"] == pytest.approx(0.7) == state.mhim.mask_ratio
+    assert compare.maps  # the live maps of every epoch came through the state
     qtbot.waitUntil(lambda: not compare.busy, timeout=60_000)  # the final comparison, built a layer per turn
     assert viewer.canvas.grid.enabled and "student | attention" in viewer.layers
     student = viewer.layers["student | attention"].metadata["napari_mil_map"]
     assert student.masked["low"].sum() == int(0.2 * len(student)) and np.isfinite(student.values).all()
+
+
+def test_retrain_gives_the_folds_and_test_predictions_of_the_cli(viewer, qtbot, small_cohort, tmp_path):
+    """The same seed, the same patient-level folds and the same out-of-fold test predictions as
+    ``napari-mil train`` on the same features."""
+    import csv as csv_module
+
+    from napari_mil.cli import main
+
+    retrain = dock(viewer, "Retrain")
+    retrain.cohort.value = str(small_cohort)
+    retrain.features_root.value = str(tmp_path / "features")
+    retrain.checkpoint_dir.value = str(tmp_path / "dock")
+    retrain.use_mhim.value = False
+    retrain.epochs.value, retrain.k.value, retrain.seed.value = 3, 3, 1
+    wait_for(qtbot, retrain, retrain.train(), timeout=240_000)
+    assert retrain.result is not None, retrain.status.value
+    assert len(retrain.result.folds) == 3 and "pooled out-of-fold test AUC" in retrain.status.value
+    assert "not in the cohort" in retrain.status.value or "no slide is open" in retrain.status.value
+
+    assert main(["train", str(small_cohort), "--features", str(tmp_path / "features"), "--encoder", "hne_stats",
+                 "--folds", "3", "--seed", "1", "--epochs", "3", "--out", str(tmp_path / "cli"), "--quiet"]) == 0
+    with open(tmp_path / "cli" / "predictions.csv", newline="") as fh:
+        cli = {row["slide_id"]: row for row in csv_module.DictReader(fh)}
+    ours = {row["slide_id"]: row for row in retrain.result.rows}
+    assert sorted(ours) == sorted(cli) and len(ours) == 10  # every slide tested once
+    for slide_id, row in ours.items():
+        assert int(row["fold"]) == int(cli[slide_id]["fold"]), slide_id
+        assert float(row["probability"]) == pytest.approx(float(cli[slide_id]["probability"]), abs=2e-6), slide_id
 
 
 def test_retrain_bad_cohorts_and_cancel(viewer, qtbot, small_cohort, tmp_path):
@@ -386,23 +520,23 @@ def test_closing_the_retrain_dock_mid_training_keeps_the_checkpoint(viewer, qtbo
     qtbot.wait(300)
     assert len(retrain.loss_plot.series["train"]) == epochs_seen < 500  # no update reached the closed dock
     assert retrain.result is None and retrain.state.model is None
-    assert (tmp_path / "models" / "abmil_retrained.safetensors").exists()  # the last good checkpoint
+    assert (tmp_path / "models" / "abmil_fold0.safetensors").exists()  # the last good checkpoint
     assert retrain not in viewer.window.dock_widgets.values()
 
 
 def test_a_closed_compare_dock_lets_go_of_the_viewer(viewer):
-    from napari_mil._napari._compare_widget import CompareWidget
-    from napari_mil._napari._state import find_dock
-
     compare = dock(viewer, "Compare teacher | student")
-    assert find_dock(viewer, CompareWidget) is compare
+    events = compare.state.events
+    listening = {name: len(getattr(events, name)) for name in ("pair", "model", "features")}
+    assert all(n >= 1 for n in listening.values())
     assert compare._on_mouse_move in viewer.mouse_move_callbacks
     viewer.window.remove_dock_widget(compare.native)
     _process_deletions()
-    assert compare.closed and find_dock(viewer, CompareWidget) is None  # Retrain opens a new one
+    assert compare.closed
+    assert {name: len(getattr(events, name)) for name in listening} == {k: n - 1 for k, n in listening.items()}
     assert compare._on_mouse_move not in viewer.mouse_move_callbacks
     again = dock(viewer, "Compare teacher | student")
-    assert find_dock(viewer, CompareWidget) is again and not again.closed
+    assert not again.closed and len(events.pair) == listening["pair"]
 
 
 def test_after_runs_for_a_worker_that_already_finished(viewer, qtbot, tiled):

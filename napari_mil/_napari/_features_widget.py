@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from magicgui.widgets import ComboBox, FileEdit, Label, ProgressBar, PushButton, SpinBox
 
-from napari_mil._napari._widgets import DockBase, set_progress
+from napari_mil._napari._workers import DockBase, set_progress
 from napari_mil.devices import available_devices
 from napari_mil.errors import NapariMilError
 from napari_mil.paths import default_feature_root
