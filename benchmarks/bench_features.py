@@ -120,7 +120,7 @@ def vit_l16(device):
     import torch
     from torch import nn
 
-    from napari_mil.encoders.registry import Encoder
+    from napari_mil.encoders.base import Encoder
     from napari_mil.encoders.transforms import BatchTransform
 
     class ViT(nn.Module):

@@ -8,6 +8,7 @@ place, so an interrupted export never leaves a half-written file under the final
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 from napari_mil.atomic import atomic_path
 from napari_mil.errors import NapariMilError
 from napari_mil.heatmaps import MASK_KINDS, AttentionMap
+from napari_mil.paths import DATA_DIR
 
 MASK_LABELS = {"high": "masked random-high", "low": "masked low", "random": "masked random"}
 
@@ -93,11 +95,22 @@ def export_geojson(path: str | Path, maps: dict[str, AttentionMap]) -> Path:
     return _atomic(Path(path), write)
 
 
-def colormap_lut(name: str = "inferno") -> np.ndarray:
-    """(256, 4) uint8 RGBA of a napari colormap, so exported PNGs match the viewer's colours."""
-    from napari.utils.colormaps import ensure_colormap
+# napari's colour maps offered for maps and exports, as 256-entry RGBA tables taken from napari
+# (tests check they still match), so that exports look like the viewer without napari installed
+COLORMAPS = ("inferno", "magma", "plasma", "viridis", "turbo")
 
-    return (ensure_colormap(name).map(np.linspace(0, 1, 256)) * 255).round().astype(np.uint8)
+
+def colormap_lut(name: str = "inferno") -> np.ndarray:
+    """(256, 4) uint8 RGBA of one of ``COLORMAPS``."""
+    if name not in COLORMAPS:
+        raise NapariMilError(f"unknown colour map {name!r}; choose one of {', '.join(COLORMAPS)}")
+    return _colormap_tables()[name].copy()
+
+
+@functools.cache
+def _colormap_tables() -> dict[str, np.ndarray]:
+    with np.load(DATA_DIR / "colormaps.npz") as tables:
+        return {name: tables[name] for name in COLORMAPS}
 
 
 def render_overlay(amap: AttentionMap, dimensions: tuple[int, int], downsample: float, how: str = "minmax",

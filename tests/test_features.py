@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from napari_mil.encoders import create_encoder, list_encoders, register_encoder
-from napari_mil.encoders import registry
+from napari_mil.encoders import base, registry
 from napari_mil.errors import EncoderError, ExtractionCancelled, FeatureStoreError
 from napari_mil.features.extract import extract_features
 from napari_mil.features.store import FeatureBag, feature_path
@@ -165,7 +165,7 @@ def test_entry_point_group_and_runtime_registration(monkeypatch, tmp_path):
     ep = importlib.metadata.EntryPoint("plugin_mean", "plugin_enc:build", registry.ENTRY_POINT_GROUP)
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [ep] if group == registry.ENTRY_POINT_GROUP else [])
     monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", False)
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))  # the plugins registered here go with the test
     assert "plugin_mean" in {s.name for s in list_encoders()}
     assert create_encoder("plugin_mean", device=CPU).dim == 3
 

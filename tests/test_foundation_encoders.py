@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from napari_mil.encoders import foundation
-from napari_mil.encoders.registry import create_encoder, file_hash, list_encoders
+from napari_mil.encoders.base import file_hash
+from napari_mil.encoders.registry import create_encoder, list_encoders
 from napari_mil.encoders.transforms import BatchTransform
 from napari_mil.errors import EncoderError
 

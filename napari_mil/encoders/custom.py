@@ -7,7 +7,7 @@ import importlib
 import json
 from pathlib import Path
 
-from napari_mil.encoders.registry import Encoder, file_hash
+from napari_mil.encoders.base import Encoder, file_hash
 from napari_mil.errors import EncoderError
 
 

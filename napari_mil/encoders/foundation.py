@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
-from napari_mil.encoders.registry import Encoder, file_hash, register_encoder
+from napari_mil.encoders.base import Encoder, file_hash, register_encoder
 from napari_mil.encoders.transforms import BatchTransform
 from napari_mil.errors import EncoderError
 

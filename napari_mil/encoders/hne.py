@@ -15,7 +15,7 @@ default was chosen (docs/encoders.md).
 
 from __future__ import annotations
 
-from napari_mil.encoders.registry import Encoder, register_encoder
+from napari_mil.encoders.base import Encoder, register_encoder
 
 HNE_INPUT = 64  # patches are resized to this side: a 256 px patch at 20x becomes 2 µm/px, nuclei 2-7 px
 # Ruifrok & Johnston (2001) optical-density vectors: haematoxylin, eosin, and a residual

@@ -8,71 +8,18 @@ entries name a builder; ``register_encoder`` does the same at run time.
 
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from napari_mil.devices import resolve_device
+from napari_mil.encoders import base
+from napari_mil.encoders.base import Encoder, EncoderSpec
 from napari_mil.errors import EncoderError
 
 ENTRY_POINT_GROUP = "napari_mil.encoders"
 
-
-@dataclass(eq=False)
-class Encoder:
-    """A patch encoder ready for inference.
-
-    ``transform`` maps a uint8 batch (B, H, W, 3) tensor, already on ``device``, to the model's
-    input; ``model`` maps that to (B, dim) features. Both run under ``precision`` autocast on
-    CUDA. ``input_size`` is the patch side the model wants (the transform resizes to it).
-    """
-
-    name: str
-    model: Any  # torch.nn.Module in eval mode, on device
-    transform: Callable
-    precision: Any  # torch.dtype
-    dim: int
-    input_size: int
-    weights_hash: str
-    device: Any  # torch.device
-    description: str = ""
-
-    def __call__(self, batch):
-        """Features (B, dim) float32 for a uint8 (B, H, W, 3) batch on the encoder's device."""
-        import torch
-
-        use_amp = self.device.type == "cuda" and self.precision in (torch.float16, torch.bfloat16)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.precision, enabled=use_amp):
-            x = self.transform(batch)
-            if self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            out = self.model(x)
-        return out.float()
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    name: str
-    builder: Callable[..., Encoder]
-    dim: int | None
-    description: str
-    needs: str = ""  # what must be installed or authorised
-
-
-_REGISTRY: dict[str, EncoderSpec] = {}
 _ENTRY_POINTS_LOADED = False
-
-
-def register_encoder(name: str, dim: int | None = None, description: str = "", needs: str = ""):
-    """Decorator registering ``builder(weights, device) -> Encoder`` under ``name``."""
-
-    def decorate(builder):
-        _REGISTRY[name] = EncoderSpec(name, builder, dim, description or (builder.__doc__ or "").strip().split("\n")[0], needs)
-        return builder
-
-    return decorate
 
 
 def _load_builtins_and_entry_points() -> None:
@@ -85,7 +32,7 @@ def _load_builtins_and_entry_points() -> None:
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _REGISTRY:
+        if ep.name in base._REGISTRY:
             continue
         try:
             builder = ep.load()
@@ -94,22 +41,13 @@ def _load_builtins_and_entry_points() -> None:
 
             warnings.warn(f"encoder entry point {ep.name!r} failed to load: {exc}", stacklevel=2)
             continue
-        _REGISTRY[ep.name] = EncoderSpec(ep.name, builder, None, f"from {ep.value}")
+        base._REGISTRY[ep.name] = EncoderSpec(ep.name, builder, None, f"from {ep.value}")
 
 
 def list_encoders() -> list[EncoderSpec]:
     """Every registered encoder (built-in, entry point or registered at run time)."""
     _load_builtins_and_entry_points()
-    return sorted(_REGISTRY.values(), key=lambda s: s.name)
-
-
-def file_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a weights file (first 16 hex digits), the weights' identity in caches and attrs."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return sorted(base._REGISTRY.values(), key=lambda s: s.name)
 
 
 def create_encoder(name: str, weights: str | os.PathLike | None = None, device: str | Any = "auto") -> Encoder:
@@ -130,12 +68,12 @@ def create_encoder(name: str, weights: str | os.PathLike | None = None, device: 
 
         return python_encoder(name.split(":", 1)[1], weights, dev)
     _load_builtins_and_entry_points()
-    if name not in _REGISTRY:
+    if name not in base._REGISTRY:
         known = ", ".join(s.name for s in list_encoders())
         raise EncoderError(f"unknown encoder {name!r}; known encoders: {known} (or torchscript:PATH, module:pkg.mod:fn)")
     if weights is not None and not Path(weights).exists():
         raise EncoderError(f"weights file {weights} does not exist")
-    encoder = _REGISTRY[name].builder(weights, dev)
+    encoder = base._REGISTRY[name].builder(weights, dev)
     if dev.type == "cuda":  # convolutions run fastest on channels-last inputs and weights
         import torch
 

@@ -8,7 +8,7 @@ ImageNet weights.
 
 from __future__ import annotations
 
-from napari_mil.encoders.registry import Encoder, file_hash, register_encoder
+from napari_mil.encoders.base import Encoder, file_hash, register_encoder
 from napari_mil.errors import EncoderError
 
 

@@ -5,8 +5,8 @@ from napari_mil.slide.base import (
     SLIDE_EXTENSIONS,
     Slide,
     is_slide_path,
-    open_slide,
     validate_mpp,
 )
+from napari_mil.slide.opening import open_slide
 
 __all__ = ["MPP_RANGE", "SLIDE_EXTENSIONS", "Slide", "is_slide_path", "open_slide", "validate_mpp"]
