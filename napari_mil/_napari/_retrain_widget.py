@@ -36,8 +36,8 @@ from napari_mil._napari._state import MapPair, TrainingSetup
 from napari_mil._napari._training_run import (
     CohortUpdate,
     EpochUpdate,
+    FoldDoneUpdate,
     FoldsUpdate,
-    FoldUpdate,
     TrainingJob,
     TrainingOutcome,
     WarningsUpdate,
@@ -278,7 +278,7 @@ class RetrainWidget(DockBase):
             self._warn(update.messages, f"{first}, {self._fold_words()}...")
         elif isinstance(update, EpochUpdate):
             self._show_epoch(update)
-        elif isinstance(update, FoldUpdate):
+        elif isinstance(update, FoldDoneUpdate):
             self._warn(update.result.warnings, self.status.value)
 
     def _fold_words(self, fold: int | None = None) -> str:
@@ -314,7 +314,8 @@ class RetrainWidget(DockBase):
         self.epoch_label.value = (f"{phase} epoch {report.epoch}/{cfg.epochs} of {self._fold_words(update.fold)}: "
                                   f"loss {report.train_loss:.3f}, val loss {report.val_loss:.3f}, "
                                   f"val AUC {report.val_auc:.3f}{masked}, {report.seconds:.1f} s").lstrip()
-        if update.maps is not None and self.state.slide is not None:  # every epoch: no notification each time
+        # the open slide's maps, while it is still the one open; every epoch: no notification each time
+        if update.maps is not None and self.state.features is job.open_bag:
             self.state.pair = MapPair(*update.maps, announce=False)
 
     def _warn(self, warnings_: list[str], status: str) -> None:

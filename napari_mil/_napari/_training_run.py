@@ -46,7 +46,7 @@ class EpochUpdate:
 
 
 @dataclass(frozen=True)
-class FoldUpdate:
+class FoldDoneUpdate:
     """A fold trained and its test slides predicted."""
 
     result: Any  # usecases.cross_validation.FoldResult
@@ -152,7 +152,7 @@ def run_training(job: TrainingJob, report: Callable[[Any], None], cancel: Callab
             bags, folds, cfg, job.out, extra_meta={"encoder": job.encoder}, cancel=cancel,
             on_start=lambda k, model, mhim: holder.update(model=model, mhim=mhim),
             on_epoch=lambda k, r: report(EpochUpdate(k, r, maps_now(holder, job.open_bag, cfg.mhim))),
-            on_fold=lambda fold: report(FoldUpdate(fold)))
+            on_fold=lambda fold: report(FoldDoneUpdate(fold)))
     shown = cv.folds[viewed]
     _, meta = load_checkpoint(shown.result.checkpoint)
     teacher = load_teacher(shown.result.checkpoint, meta)  # the best epoch's, as the student
