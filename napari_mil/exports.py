@@ -10,15 +10,18 @@ from __future__ import annotations
 import csv
 import functools
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from napari_mil.atomic import atomic_path
+from napari_mil.attention_store import load_attention
 from napari_mil.errors import NapariMilError
 from napari_mil.heatmaps import MASK_KINDS, AttentionMap
 from napari_mil.paths import DATA_DIR
 
+EXPORT_FORMATS = ("geojson", "csv", "png", "topk")
 MASK_LABELS = {"high": "masked random-high", "low": "masked low", "random": "masked random"}
 
 
@@ -173,6 +176,51 @@ def export_top_k(folder: str | Path, slide, amap: AttentionMap, k: int = 8, out_
         target = folder / f"{amap.name}_rank{rank:03d}_x{x}_y{y}.png"
         paths.append(_atomic(target, lambda tmp, p=patch: p.save(tmp, format="PNG")))
     return paths
+
+
+def export_formats(formats: str | Iterable[str]) -> list[str]:
+    """The formats asked for (comma-separated or a list), in ``EXPORT_FORMATS`` order; unknown ones refused."""
+    asked = set(formats.split(",") if isinstance(formats, str) else formats)
+    unknown = asked - set(EXPORT_FORMATS)
+    if unknown:
+        raise NapariMilError(f"unknown format(s) {', '.join(sorted(unknown))}; use {', '.join(EXPORT_FORMATS)}")
+    return [f for f in EXPORT_FORMATS if f in asked]
+
+
+def export_attention_file(path: str | Path, out: str | Path, formats: str | Iterable[str] = "geojson,csv,png",
+                          slide_path: str | Path | None = None, downsample: float = 32.0, norm: str = "minmax",
+                          colormap: str = "inferno", k: int = 8, name: str | None = None) -> list[Path]:
+    """An attention file (from predict) as QuPath GeoJSON, per-patch CSV, a PNG overlay and the
+    top-k patches, named after the file under ``out``; returns the files written.
+
+    The PNG covers the slide when ``slide_path`` is given, else the patches' extent; the top-k
+    patches are read from the slide, so ``topk`` needs ``slide_path``. ``name`` names the map in
+    the files (default: the file's name).
+    """
+    from napari_mil.slide import open_slide
+
+    formats = export_formats(formats)
+    if "topk" in formats and not slide_path:
+        raise NapariMilError("the top-k patches are read from the slide: give the slide file")
+    out, stem = Path(out), Path(path).stem
+    amap, _ = load_attention(path, name=name or stem)
+    maps = {amap.name: amap}
+    written = []
+    if "geojson" in formats:
+        written.append(export_geojson(out / f"{stem}.geojson", maps))
+    if "csv" in formats:
+        written.append(export_csv(out / f"{stem}.csv", maps))
+    slide = open_slide(slide_path) if slide_path else None
+    try:
+        dims = slide.dimensions if slide else tuple(int(v) for v in amap.coords.max(0) + amap.patch_size_level0)
+        if "png" in formats:
+            written.append(export_overlay_png(out / f"{stem}.png", amap, dims, downsample, how=norm, colormap=colormap))
+        if "topk" in formats:
+            written += export_top_k(out / f"{stem}_top{k}", slide, amap, k)
+    finally:
+        if slide is not None:
+            slide.close()
+    return written
 
 
 PAIR_FORMATS = ("GeoJSON", "CSV", "PNG", "top-k")

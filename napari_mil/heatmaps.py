@@ -182,14 +182,17 @@ def model_map(model, features: np.ndarray, coords: np.ndarray, patch_size_level0
 
 def teacher_student_maps(teacher, student, features: np.ndarray, coords: np.ndarray, patch_size_level0: int,
                          cfg, mask_ratio_h: float | None = None, seed: int = 0,
-                         step_level0: int | None = None) -> tuple[AttentionMap, AttentionMap]:
+                         step_level0: int | None = None, attention_layer: int | None = None,
+                         attention_head: int | None = None) -> tuple[AttentionMap, AttentionMap]:
     """MHIM-MIL's view of one slide: the teacher's attention over every patch, and the student's
     attention over the patches the teacher leaves it (the hard instances); both carry the masks
     the teacher's scores select under ``cfg`` (random-high, low, random). Masked patches get zero
-    student attention; ``mask_ratio_h`` is the scheduled value of the step shown."""
+    student attention; ``mask_ratio_h`` is the scheduled value of the step shown. For TransMIL,
+    ``attention_layer`` and ``attention_head`` choose the attention of both (None: the teacher's
+    layer is ``cfg.attn_layer``, as in training, and the student's its default)."""
     import torch
 
-    from napari_mil.models.contract import bag_tensor
+    from napari_mil.models.contract import attention_options, bag_tensor
     from napari_mil.training.mhim import class_aware_score, select_masks
 
     device = next(teacher.parameters()).device
@@ -197,11 +200,12 @@ def teacher_student_maps(teacher, student, features: np.ndarray, coords: np.ndar
     teacher.eval()
     student.eval()
     with torch.no_grad():
-        t_out = teacher(x)
+        t_layer = cfg.attn_layer if attention_layer is None else attention_layer
+        t_out = teacher(x, **attention_options(teacher, t_layer, attention_head))
         scores = t_out.attention if cfg.score == "attention" else class_aware_score(teacher, t_out)
         masks = select_masks(scores[0], cfg, mask_ratio_h, torch.Generator().manual_seed(seed))
         kept = masks.kept
-        s_out = student(x[:, kept])
+        s_out = student(x[:, kept], **attention_options(student, attention_layer, attention_head))
     student_values = np.zeros(len(coords))
     student_values[kept.cpu().numpy()] = s_out.attention[0].float().cpu().numpy()
     flags = {kind: getattr(masks, kind).cpu().numpy() for kind in MASK_KINDS}

@@ -91,3 +91,32 @@ def test_no_inputs_found(tmp_path):
 def test_synthetic_command(tmp_path):
     assert main(["synthetic", str(tmp_path / "s.tif"), "--width", "2048", "--height", "1536"]) == 0
     assert (tmp_path / "s.tif").exists() and (tmp_path / "s.tumour.png").exists()
+
+
+def test_nonsense_grid_settings_stop_before_any_slide(cmu1_path, tmp_path):
+    result = run_cli("tile", cmu1_path, "--out", tmp_path / "out", "--overlap", "-1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "overlap must be in [0, patch size)" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_defaults_and_choices_come_from_the_core():
+    from napari_mil.cli import build_parser
+    from napari_mil.encoders import DEFAULT_ENCODER
+    from napari_mil.models import list_models
+    from napari_mil.usecases.slide_to_bag import GridSettings
+
+    parser = build_parser()
+    tile = parser.parse_args(["tile", "s.svs", "--out", "o"])
+    defaults = GridSettings()
+    assert (tile.magnification, tile.target_mpp, tile.patch_size, tile.overlap, tile.min_tissue, tile.preset) == (
+        defaults.magnification, defaults.target_mpp, defaults.patch_size, defaults.overlap, defaults.min_tissue,
+        defaults.preset)
+    assert parser.parse_args(["extract", "s.svs", "--out", "o"]).encoder == DEFAULT_ENCODER
+    train = ["train", "labels.csv", "--features", "f", "--out", "o"]
+    assert parser.parse_args(train).encoder == DEFAULT_ENCODER
+    for name in list_models():
+        assert parser.parse_args([*train, "--model", name]).model == name
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args([*train, "--model", "no_such_model"])
+    assert exit_.value.code == 2

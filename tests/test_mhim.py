@@ -87,7 +87,7 @@ def test_consistency_loss_matches_a_hand_computation():
     assert consistency_loss(student, teacher, 0.1, 1.0).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_trainer_steps_schedules_and_keeps_every_mask():
+def test_trainer_steps_schedules_and_records_every_step():
     torch.manual_seed(0)
     student = create_model("abmil", in_dim=8)
     trainer = MHIMTrainer(student, preset("camelyon16_abmil"), total_steps=4, seed=3)
@@ -101,8 +101,45 @@ def test_trainer_steps_schedules_and_keeps_every_mask():
         opt.step()
         trainer.after_optimizer_step()
         assert out.attention.shape[1] == int(masks.kept.sum())
+        record = trainer.history[-1]
+        assert (record.step, record.instances) == (step, 200)
+        assert (record.high, record.low, record.random) == tuple(int(m.sum()) for m in (masks.high, masks.low, masks.random))
+        assert record.mask_ratio == pytest.approx(float(masks.masked.float().mean()))
+        for kind in ("high", "low", "random"):
+            assert torch.equal(getattr(trainer.last_masks, kind), getattr(masks, kind))
     assert len(trainer.history) == 4 and ratios[0] == pytest.approx(0.01) and ratios == sorted(ratios, reverse=True)
-    assert trainer.history[0].random.sum() > 0
+    assert trainer.history[0].random > 0
+
+
+def _history_bytes(trainer) -> int:
+    """The bytes held by a trainer's mask records: the records themselves and the last masks."""
+    import sys
+
+    held = sys.getsizeof(trainer.history) + sum(sys.getsizeof(r) for r in trainer.history)
+    return held + sum(m.element_size() * m.nelement() for m in vars(trainer.last_masks).values())
+
+
+def test_mask_history_does_not_grow_with_the_steps():
+    """What the trainer keeps of its masks is bounded (the last ``history_steps`` records, the
+    latest step's masks) and holds no tensor on a device or in an autograd graph."""
+    torch.manual_seed(0)
+    student = create_model("abmil", in_dim=8)
+    trainer = MHIMTrainer(student, MHIMConfig(mask_ratio=0.5, mask_ratio_l=0.1, mask_ratio_h=0.2), total_steps=100,
+                          history_steps=8)
+    held = []
+    for step in range(40):
+        loss, _, _ = trainer.loss(torch.randn(1, 300, 8, requires_grad=True), torch.tensor([step % 2]))
+        loss.backward()
+        trainer.after_optimizer_step()
+        if step + 1 in (10, 40):
+            held.append(_history_bytes(trainer))
+    assert len(trainer.history) == 8 and [r.step for r in trainer.history] == list(range(32, 40))
+    assert held[0] == held[1]
+    for record in trainer.history:
+        assert not any(isinstance(v, torch.Tensor) for v in (record.step, record.instances, record.high, record.low,
+                                                             record.random))
+    for mask in vars(trainer.last_masks).values():
+        assert mask.device.type == "cpu" and not mask.requires_grad and mask.grad_fn is None and mask.shape == (300,)
 
 
 def test_presets_are_the_official_recipes():
@@ -137,3 +174,21 @@ def test_class_aware_score_matches_a_hand_computation_and_drives_the_masks():
         MHIMTrainer(create_model("transmil", in_dim=6, dim=16, heads=2, landmarks=4), cfg, 1).loss(x, torch.tensor([1]))
     with pytest.raises(NapariMilError, match="score must be"):
         MHIMTrainer(model, MHIMConfig(score="gradcam"), 1)
+
+
+@pytest.mark.parametrize("attn_layer", [0, 1])
+def test_a_transmil_teacher_scores_with_the_configured_layer(attn_layer):
+    """The teacher's ranking reads ``attn_layer``'s attention as a call argument; the teacher
+    itself keeps its default (layer 2) for every other caller."""
+    torch.manual_seed(4)
+    student = create_model("transmil", in_dim=6, dim=16, heads=2, landmarks=8)
+    cfg = MHIMConfig(mask_ratio_h=0.2, mask_ratio_hr=1.0, attn_layer=attn_layer)
+    trainer = MHIMTrainer(student, cfg, total_steps=1)
+    x = torch.randn(1, 50, 6)
+    _, _, masks = trainer.loss(x, torch.tensor([1]))
+    with torch.no_grad():
+        chosen = trainer.teacher(x, attention_layer=attn_layer).attention[0]
+        other = trainer.teacher(x, attention_layer=1 - attn_layer).attention[0]
+    assert set(torch.nonzero(masks.high).flatten().tolist()) == set(torch.argsort(chosen, descending=True)[:10].tolist())
+    assert set(torch.argsort(other, descending=True)[:10].tolist()) != set(torch.argsort(chosen, descending=True)[:10].tolist())
+    assert trainer.teacher.default_attention_layer == 1

@@ -1,5 +1,7 @@
 """MIL models: one contract (logits, embedding, attention), masks, and Extreme ABMIL's frozen V."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,6 +153,109 @@ def test_transmil_attention_of_instance_i_is_instance_i_exact_case():
     expected = expected / expected.sum()
     torch.testing.assert_close(out.attention[0], expected, atol=1e-4, rtol=0)
     assert (out.attention[0] - expected.roll(1)).abs().max() > 1e-2  # an off-by-one would show
+
+
+def _exact_class_rows(model, x):
+    """Each layer's class-token attention row (H, T), computed as exact softmax attention from the
+    tokens entering that layer (exact when the landmarks are as many as the tokens)."""
+    tokens, _, _ = _transmil_tokens(model, x)
+    side = int(math.isqrt(tokens.shape[1] - 1))
+    rows = []
+    for layer in (model.layer1, model.layer2):
+        attn, t = layer.attn, tokens.shape[1]
+        q, k, _ = attn.to_qkv(layer.norm(tokens)).chunk(3, -1)
+        q = q.view(1, t, attn.heads, attn.dim_head).transpose(1, 2) * attn.scale
+        k = k.view(1, t, attn.heads, attn.dim_head).transpose(1, 2)
+        rows.append(torch.softmax(q @ k.transpose(-1, -2), -1)[0, :, 0])  # (H, T)
+        if layer is model.layer1:
+            tokens = model.pos_layer(layer(tokens)[0], side)
+    return rows
+
+
+def _fold(row, n, extra):
+    """A class-token row over 1 + side^2 tokens -> the instances' share (N,), copies folded back."""
+    att = row[1 : n + 1].clone()
+    att[:extra] += row[n + 1 :]
+    return att / att.sum()
+
+
+def test_transmil_attention_is_chosen_per_call_and_leaves_the_model_untouched():
+    """model(x, attention_layer=l, attention_head=h) is layer l's class-token row of head h (or
+    the mean over heads, or of both layers for l = -1), computed exactly; the model given another
+    choice is unchanged afterwards: same weights, same mode, same default output."""
+    torch.manual_seed(2)
+    n = 15  # 16 tokens after squaring, 17 with the class token: 17 landmarks make Nystrom attention exact
+    model = create_model("transmil", in_dim=16, dim=32, heads=2, landmarks=17, dropout=0.0).eval()
+    model.layer1.attn.pinv_iterations = model.layer2.attn.pinv_iterations = 30
+    x = torch.randn(1, n, 16)
+    with torch.no_grad():
+        rows = _exact_class_rows(model, x)
+        before_state = {k: v.clone() for k, v in model.state_dict().items()}
+        before = model(x)
+        got = {(layer, head): model(x, attention_layer=layer, attention_head=head).attention[0]
+               for layer in (0, 1, -1) for head in (None, 0, 1)}
+        after = model(x)
+    extra = 16 - n
+    for (layer, head), attention in got.items():
+        per_layer = [r.mean(0) if head is None else r[head] for r in rows]
+        row = per_layer[layer] if layer >= 0 else (per_layer[0] + per_layer[1]) / 2
+        torch.testing.assert_close(attention, _fold(row, n, extra), atol=1e-4, rtol=0, msg=f"{layer}, {head}")
+    assert (got[0, None] - got[1, None]).abs().max() > 1e-2  # the layers differ
+    assert (got[1, 0] - got[1, None]).abs().max() > 1e-2  # a head differs from the mean over heads
+    torch.testing.assert_close(got[1, None], before.attention[0], atol=0, rtol=0)  # the default: layer 2, mean
+    # nothing leaked into the model
+    assert not model.training
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before_state[name]), name
+    for field in ("logits", "embedding", "attention"):
+        assert torch.equal(getattr(after, field), getattr(before, field)), field
+    model.train()
+    model(x, attention_layer=0, attention_head=1)
+    assert model.training
+    # the construction's choice is the default of a call that names none; a call's choice wins
+    chosen = create_model("transmil", in_dim=16, dim=32, heads=2, landmarks=17, dropout=0.0, attention_layer=0,
+                          attention_head=1).eval()
+    chosen.load_state_dict(model.state_dict())
+    chosen.layer1.attn.pinv_iterations = chosen.layer2.attn.pinv_iterations = 30
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(chosen(x).attention[0], got[0, 1], atol=0, rtol=0)
+        torch.testing.assert_close(chosen(x, attention_layer=1).attention[0], got[1, 1], atol=0, rtol=0)
+    assert (chosen.default_attention_layer, chosen.default_attention_head) == (0, 1)
+    for bad in ({"attention_layer": 2}, {"attention_head": 2}, {"attention_head": -1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            model(x, **bad)
+    with pytest.raises(NapariMilError, match="attention_layer"):
+        create_model("transmil", in_dim=16, attention_layer=3)
+
+
+def test_transmil_threads_choosing_other_layers_get_their_own_attention():
+    """Two threads calling one model with different layers each get their layer's attention."""
+    import threading
+
+    torch.manual_seed(3)
+    model = create_model("transmil", in_dim=8, dim=16, heads=2, landmarks=8).eval()
+    x = torch.randn(1, 40, 8)
+    with torch.no_grad():
+        expected = {layer: model(x, attention_layer=layer).attention for layer in (0, 1)}
+    assert (expected[0] - expected[1]).abs().max() > 1e-3
+    start, results = threading.Barrier(2), {0: [], 1: []}
+
+    def run(layer):
+        start.wait()
+        with torch.no_grad():
+            for _ in range(20):
+                results[layer].append(model(x, attention_layer=layer).attention)
+
+    threads = [threading.Thread(target=run, args=(layer,)) for layer in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for layer in (0, 1):
+        assert len(results[layer]) == 20
+        for attention in results[layer]:
+            torch.testing.assert_close(attention, expected[layer], atol=1e-6, rtol=0)
 
 
 def test_transmil_front_padding_is_sliced_off_correctly():

@@ -9,10 +9,10 @@ import torch
 
 from napari_mil.errors import NapariMilError
 from napari_mil.features.store import FeatureBag, feature_path
+from napari_mil.training.checkpoints import CheckpointError, load_checkpoint, load_teacher
 from napari_mil.training.data import CohortError, load_bags, patient_folds, read_labels
 from napari_mil.training.metrics import roc_auc
 from napari_mil.training.mhim import preset
-from napari_mil.training.checkpoints import CheckpointError, load_checkpoint, load_teacher
 from napari_mil.training.trainer import TrainConfig, TrainingCancelled, predict_probs, train
 
 
@@ -314,3 +314,60 @@ def test_mhim_warns_when_bags_are_too_small_for_the_high_attention_mask(bags):
     warnings_ = mhim_bag_size_warnings(preset("camelyon16_abmil"), small)
     assert len(warnings_) == 1 and "every training bag is too small" in warnings_[0] and "200" in warnings_[0]
     assert mhim_bag_size_warnings(preset("camelyon16_abmil", mask_ratio_h=0.5), small) == []
+
+
+def test_mixed_precision_is_bfloat16_where_the_gpu_has_it_else_float16_with_a_scaler(monkeypatch):
+    import contextlib
+
+    from napari_mil.training.trainer import autocast_settings
+
+    assert autocast_settings(torch.device("cpu")) == (None, False)
+    assert autocast_settings(torch.device("mps")) == (None, False)
+    cuda = torch.device("cuda", 0)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: asked.append(device) or contextlib.nullcontext())
+    for native, expected in ((True, (torch.bfloat16, False)), (False, (torch.float16, True))):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, native=native:
+                            native and not including_emulation)  # emulated bfloat16 does not count
+        assert autocast_settings(cuda) == expected
+        assert autocast_settings(cuda, amp=False) == (None, False)
+    assert asked == [cuda, cuda]  # the GPU trained on is the one asked
+
+
+@pytest.mark.parametrize("setting", [(torch.bfloat16, False), (torch.float16, True)])
+def test_mixed_precision_training_steps(monkeypatch, setting):
+    """The loop under each mixed-precision setting (run on the CPU's autocast here; on CUDA in
+    test_gpu.py): it learns, and with float16's GradScaler the steps it skips for overflowing
+    gradients do not advance the learning-rate schedule."""
+    import napari_mil.training.trainer as trainer
+    from napari_mil.training.data import Bag
+
+    rng = np.random.default_rng(0)
+    bags = [Bag(f"s{i}", i % 2, f"p{i}", (rng.normal(size=(30, 8)) + i % 2).astype(np.float32), np.zeros((30, 2)))
+            for i in range(10)]
+    monkeypatch.setattr(trainer, "autocast_settings", lambda device, amp=True: setting)
+    made = {"scaler": [], "schedule": []}
+
+    def spy(cls, key):  # cls, noting each instance made
+        class Spy(cls):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                made[key].append(self)
+
+        return Spy
+
+    monkeypatch.setattr(torch.amp, "GradScaler", spy(torch.amp.GradScaler, "scaler"))
+    monkeypatch.setattr(torch.optim.lr_scheduler, "CosineAnnealingLR", spy(torch.optim.lr_scheduler.CosineAnnealingLR,
+                                                                           "schedule"))
+    result = trainer.train(bags[:8], bags[8:], TrainConfig(model="transmil", epochs=4, min_epochs=1, lr=1e-3,
+                                                           model_cfg={"dim": 32, "heads": 2, "landmarks": 8}))
+    losses = [r.train_loss for r in result.history]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert len(made["scaler"]) == int(setting[1])
+    schedule = made["schedule"][0]
+    taken = max(int(state["step"]) for state in schedule.optimizer.state.values())  # Adam's count of its steps
+    assert schedule.last_epoch == taken
+    if made["scaler"]:  # float16's first steps overflow at the initial scale of 2^16 and are skipped
+        assert made["scaler"][0].get_scale() < 2.0**16 and taken < 4 * 8
+    else:
+        assert taken == 4 * 8

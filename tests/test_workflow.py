@@ -78,7 +78,7 @@ def test_labels_column_aliases(tmp_path, text, patient):
 
 
 def test_cohort_csv_with_aliases_finds_its_paths(tmp_path):
-    from napari_mil.training.cohort import read_cohort
+    from napari_mil.usecases.cohort import read_cohort
 
     for name in ("a.tif", "b.tif"):
         (tmp_path / name).write_bytes(b"")

@@ -128,7 +128,7 @@ class CompareWidget(DockBase):
         return replace(cfg, mask_ratio_h=self.ratio_h.value) if self.ratio_h.value else cfg
 
     def _is_transmil(self) -> bool:
-        return hasattr(self.state.model, "attention_layer")
+        return getattr(self.state.model, "CHOOSES_ATTENTION", False)
 
     def compare(self):
         """Compute the teacher's and the student's maps in a worker and put them in the state, which
@@ -150,16 +150,13 @@ class CompareWidget(DockBase):
             self._say(str(exc), error=True)
             return None
         head = None if self.transmil_head.value < 0 else int(self.transmil_head.value)
-        for net in (state.teacher, state.model):
-            if hasattr(net, "attention_layer"):
-                net.attention_layer, net.attention_head = self.transmil_layer.value, head
         bag = state.features
         size0, step = grid_geometry(bag.attrs, bag.coords)
         self._asked += 1
         asked = self._asked
         self.status.value = f"scoring {len(bag)} patches with the teacher and the student..."
         worker = create_worker(teacher_student_maps, state.teacher, state.model, bag.features, bag.coords, size0, cfg,
-                               None, 0, step, _ignore_errors=True)
+                               None, 0, step, self.transmil_layer.value, head, _ignore_errors=True)
         return self._start(worker, lambda maps: self._computed(asked, maps))
 
     def _computed(self, asked: int, maps) -> None:

@@ -229,7 +229,7 @@ class RetrainWidget(DockBase):
         Everything the run uses is read from the form now: changing it meanwhile changes nothing."""
         from napari.qt.threading import create_worker
 
-        from napari_mil.training.cohort import read_cohort
+        from napari_mil.usecases.cohort import read_cohort
 
         try:
             if not str(self.cohort.value) or Path(self.cohort.value) == Path("."):

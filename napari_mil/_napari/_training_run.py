@@ -16,7 +16,7 @@ from typing import Any
 class CohortUpdate:
     """Features ready for one more slide of the cohort."""
 
-    progress: Any  # training.cohort.CohortProgress
+    progress: Any  # usecases.cohort.CohortProgress
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class FoldDoneUpdate:
 class TrainingJob:
     """Everything a training needs, captured when Train is pressed."""
 
-    slides: list  # training.cohort.CohortSlide
+    slides: list  # usecases.cohort.CohortSlide
     config: Any  # training.trainer.TrainConfig, its MHIM-MIL settings included
     folds: int  # patient-level folds when the CSV has no split column
     feature_root: Path
@@ -134,8 +134,8 @@ def run_training(job: TrainingJob, report: Callable[[Any], None], cancel: Callab
     trained and tested by ``cross_validate``; then the viewed fold's model, teacher and metadata."""
     from napari_mil.encoders import create_encoder
     from napari_mil.training.checkpoints import load_checkpoint, load_teacher
-    from napari_mil.training.cohort import ensure_features
     from napari_mil.training.trainer import mhim_bag_size_warnings
+    from napari_mil.usecases.cohort import ensure_features
     from napari_mil.usecases.cross_validation import cross_validate, make_folds
 
     cfg = job.config

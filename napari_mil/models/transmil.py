@@ -222,7 +222,17 @@ class PPEG(nn.Module):
         return self.encode(padded, side)[:, :n]
 
 
+ATTENTION_LAYERS = (0, 1, -1)  # the first layer, the second, their mean
+
+
 class TransMIL(nn.Module):
+    """Per-instance attention is read from a layer (0, 1 or -1 for their mean) and a head (None:
+    the mean over heads), chosen per call: ``model(x, attention_layer=0, attention_head=2)``.
+    Those given at construction (a checkpoint's model_cfg) are the defaults of a call that
+    names none; no call changes the model."""
+
+    CHOOSES_ATTENTION = True
+
     def __init__(self, in_dim: int, n_classes: int = 2, dim: int = 512, heads: int = 8, landmarks: int = 256,
                  dropout: float = 0.1, attention_layer: int = 1, attention_head: int | None = None,
                  embed_activation: str = "relu", positional: str = "transmil", dim_head: int | None = None,
@@ -247,13 +257,34 @@ class TransMIL(nn.Module):
         self.layer2 = TransLayer(dim, heads, landmarks, dropout, dim_head, output_slice)
         self.norm = nn.LayerNorm(dim)
         self.fc2 = nn.Linear(dim, n_classes)
-        self.attention_layer = attention_layer  # 0: first layer, 1: second (default), -1: their mean
-        self.attention_head = attention_head  # None: mean over heads
+        self._default_attention = self._checked_attention(attention_layer, attention_head, heads)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MILOutput:
+    @property
+    def default_attention_layer(self) -> int:
+        return self._default_attention[0]
+
+    @property
+    def default_attention_head(self) -> int | None:
+        return self._default_attention[1]
+
+    @staticmethod
+    def _checked_attention(layer, head, heads: int) -> tuple[int, int | None]:
+        if layer not in ATTENTION_LAYERS:
+            raise ValueError(f"attention_layer must be 0, 1 or -1 (their mean), not {layer!r}")
+        if head is not None and (int(head) != head or not 0 <= head < heads):
+            raise ValueError(f"attention_head must be None (the mean) or a head from 0 to {heads - 1}, not {head!r}")
+        return int(layer), None if head is None else int(head)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, attention_layer: int | None = None,
+                attention_head: int | None = None) -> MILOutput:
+        """Logits, embedding and the attention of ``attention_layer`` and ``attention_head`` (None:
+        the defaults given at construction)."""
+        layer = self.default_attention_layer if attention_layer is None else attention_layer
+        head = self.default_attention_head if attention_head is None else attention_head
+        choice = self._checked_attention(layer, head, self.layer1.attn.heads)
         if mask is not None and not bool(mask.all()):
             # TransMIL's positional encoding needs each bag's own square: run bags one by one
-            outs = [self.forward(x[i : i + 1, : int(mask[i].sum())]) for i in range(len(x))]
+            outs = [self.forward(x[i : i + 1, : int(mask[i].sum())], None, *choice) for i in range(len(x))]
             attention = torch.zeros(mask.shape, dtype=outs[0].attention.dtype, device=x.device)
             for i, o in enumerate(outs):
                 attention[i, : o.attention.shape[1]] = o.attention[0]
@@ -266,7 +297,7 @@ class TransMIL(nn.Module):
             h = torch.cat([h[:, :1], self.pos_layer.encode_padded(h[:, 1:])], dim=1)
             h, row2 = self.layer2(h, keep=1)  # the class token's slot: nothing else reaches the logits
             z = self.norm(h)[:, 0]
-            return MILOutput(self.fc2(z), z, self.instance_attention(row1, row2, n, 0))
+            return MILOutput(self.fc2(z), z, self.instance_attention(row1, row2, n, 0, *choice))
         side = math.ceil(math.sqrt(n))
         extra = side * side - n
         h = torch.cat([h, h[:, :extra]], dim=1)  # (B, side^2, dim): copies of the first instances
@@ -275,12 +306,15 @@ class TransMIL(nn.Module):
         h = self.pos_layer(h, side)
         h, row2 = self.layer2(h, keep=1)  # (B, 1, dim): the class token's slot, all the logits read
         z = self.norm(h)[:, 0]  # (B, dim)
-        return MILOutput(self.fc2(z), z, self.instance_attention(row1, row2, n, extra))
+        return MILOutput(self.fc2(z), z, self.instance_attention(row1, row2, n, extra, *choice))
 
-    def instance_attention(self, row1: torch.Tensor, row2: torch.Tensor, n: int, extra: int) -> torch.Tensor:
-        """Class-token attention (B, H, 1 + side^2) -> per-instance attention (B, N)."""
-        rows = {0: row1, 1: row2, -1: (row1 + row2) / 2}[self.attention_layer]
-        rows = rows.mean(1) if self.attention_head is None else rows[:, self.attention_head]  # (B, 1 + side^2)
+    @staticmethod
+    def instance_attention(row1: torch.Tensor, row2: torch.Tensor, n: int, extra: int, layer: int,
+                           head: int | None) -> torch.Tensor:
+        """Class-token attention rows of both layers (B, H, 1 + side^2) -> the per-instance
+        attention (B, N) of ``layer`` and ``head`` (None: the mean over heads)."""
+        rows = {0: row1, 1: row2, -1: (row1 + row2) / 2}[layer]
+        rows = rows.mean(1) if head is None else rows[:, head]  # (B, 1 + side^2)
         tokens = rows[:, 1:]  # drop the class token's attention to itself
         att = tokens[:, :n].clone()
         att[:, :extra] += tokens[:, n:]  # the appended copies are the first instances again

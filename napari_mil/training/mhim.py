@@ -18,6 +18,7 @@ Defaults and presets follow the official release (DearCaat/MHIM-MIL).
 from __future__ import annotations
 
 import copy
+from collections import deque
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from napari_mil.errors import NapariMilError
+from napari_mil.models.contract import attention_options
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,28 @@ class InstanceMasks:
     @property
     def kept(self) -> torch.Tensor:
         return ~self.masked
+
+    def cpu(self) -> InstanceMasks:
+        return InstanceMasks(*(m.detach().cpu() for m in (self.high, self.low, self.random)))
+
+
+@dataclass(frozen=True, slots=True)
+class StepMasking:
+    """What one MHIM-MIL step masked: the bag's size and the instances each rule masked."""
+
+    step: int
+    instances: int
+    high: int
+    low: int
+    random: int
+
+    @property
+    def masked(self) -> int:
+        return self.high + self.low + self.random  # the rules' masks are disjoint
+
+    @property
+    def mask_ratio(self) -> float:
+        return self.masked / max(self.instances, 1)
 
 
 def select_masks(attention: torch.Tensor, cfg: MHIMConfig, mask_ratio_h: float | None = None,
@@ -150,23 +174,26 @@ def make_teacher(student: torch.nn.Module, init_state: dict | None = None) -> to
 class MHIMTrainer:
     """One MHIM-MIL training step per bag, with the schedules advanced per step.
 
-    ``history`` keeps every step's masks (instance indices masked by each rule), so the viewer
-    can show what the student did not see.
+    ``history`` holds what each of the last ``history_steps`` steps masked, as counts
+    (``StepMasking``), and ``last_masks`` the masks of the latest step, on the CPU: what a viewer
+    or a report needs, in memory that does not grow with the steps.
     """
 
-    def __init__(self, student, cfg: MHIMConfig, total_steps: int, teacher_init: dict | None = None, seed: int = 0):
+    def __init__(self, student, cfg: MHIMConfig, total_steps: int, teacher_init: dict | None = None, seed: int = 0,
+                 history_steps: int = 10_000):
         if cfg.score not in ("attention", "class_aware"):
             raise NapariMilError(f"score must be 'attention' or 'class_aware', not {cfg.score!r}")
         self.student = student
         self.teacher = make_teacher(student, teacher_init)
-        if hasattr(self.teacher, "attention_layer"):  # TransMIL: score with the configured layer
-            self.teacher.attention_layer = cfg.attn_layer
+        # the teacher scores with the configured layer (TransMIL); other models take no options
+        self.teacher_options = attention_options(self.teacher, cfg.attn_layer, None)
         self.cfg = cfg
         self.step = 0
         self.ratio_h = cosine_schedule(cfg.mask_ratio_h, 0.0, total_steps) if cfg.mrh_schedule else None
         self.momentum = cosine_schedule(cfg.mm, cfg.mm_final, total_steps) if cfg.mm_schedule else None
         self.generator = torch.Generator().manual_seed(seed)
-        self.history: list[InstanceMasks] = []
+        self.history: deque[StepMasking] = deque(maxlen=history_steps)
+        self.last_masks: InstanceMasks | None = None
 
     def current_ratio_h(self) -> float:
         if self.ratio_h is None:
@@ -181,15 +208,20 @@ class MHIMTrainer:
     def loss(self, x: torch.Tensor, label: torch.Tensor, class_weight: torch.Tensor | None = None):
         """Loss for one bag x (1, N, D); returns (loss, student output, masks)."""
         with torch.no_grad():
-            teacher_out = self.teacher(x)
+            teacher_out = self.teacher(x, **self.teacher_options)
             scores = teacher_out.attention if self.cfg.score == "attention" else class_aware_score(self.teacher, teacher_out)
         masks = select_masks(scores[0], self.cfg, self.current_ratio_h(), self.generator)
-        self.history.append(masks)
+        self._record(masks)
         out = self.student(x[:, masks.kept])
         loss = F.cross_entropy(out.logits, label, weight=class_weight)
         if self.cfg.alpha:
             loss = loss + self.cfg.alpha * consistency_loss(out.embedding, teacher_out.embedding, self.cfg.temp_t, self.cfg.temp_s)
         return loss, out, masks
+
+    def _record(self, masks: InstanceMasks) -> None:
+        self.last_masks = masks.cpu()
+        counts = (int(m.sum()) for m in (self.last_masks.high, self.last_masks.low, self.last_masks.random))
+        self.history.append(StepMasking(self.step, len(self.last_masks.high), *counts))
 
     def after_optimizer_step(self) -> None:
         ema_update(self.teacher, self.student, self.current_momentum())

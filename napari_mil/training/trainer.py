@@ -3,7 +3,8 @@
 One bag per step (bags differ in size), Adam with weight decay and a cosine learning-rate
 schedule, class-weighted cross-entropy, features normalised with statistics of the training
 bags (kept in the checkpoint and applied by the model wherever it predicts), early stopping on
-validation loss after a minimum number of epochs, deterministic seeds, AMP on CUDA. The
+validation loss after a minimum number of epochs, deterministic seeds, mixed precision on CUDA
+(bfloat16 where the GPU has it, else float16 with loss scaling; see ``autocast_settings``). The
 defaults were chosen by the experiment in docs/benchmarks.md ("Choosing the training
 defaults") on the semi-real cohort.
 
@@ -35,9 +36,9 @@ import torch.nn.functional as F
 from napari_mil.devices import resolve_device
 from napari_mil.errors import NapariMilError
 from napari_mil.models import create_model
+from napari_mil.training.checkpoints import CheckpointError, jsonable, load_checkpoint, save_checkpoint, teacher_path
 from napari_mil.training.metrics import binary_metrics, choose_threshold
 from napari_mil.training.mhim import MHIMConfig, MHIMTrainer
-from napari_mil.training.checkpoints import CheckpointError, jsonable, load_checkpoint, save_checkpoint, teacher_path
 from napari_mil.training.normalise import FeatureNormaliser, normaliser_of
 
 
@@ -72,7 +73,7 @@ class TrainConfig:
     # --init_stu_type=fc), "all" or "none"
     init_student: str = "fc"
     device: str = "auto"
-    amp: bool = True  # on CUDA only
+    amp: bool = True  # mixed precision, on CUDA only (autocast_settings)
 
 
 @dataclass
@@ -109,6 +110,19 @@ def predict_probs(model, bags, device) -> tuple[np.ndarray, float]:
             losses.append(F.cross_entropy(out.logits.float(), torch.tensor([bag.label], device=device)).item())
             probs.append(torch.softmax(out.logits.float(), 1)[0].cpu().numpy())
     return np.stack(probs), float(np.mean(losses))
+
+
+def autocast_settings(device: torch.device, amp: bool = True) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for none, whether the loss needs a GradScaler) for training on
+    ``device``: bfloat16 on a CUDA GPU that computes in it natively (float32's range: no loss
+    scaling), float16 with a GradScaler on older GPUs (its small range underflows gradients
+    otherwise), and no autocast on the CPU or MPS."""
+    if not amp or device.type != "cuda":
+        return None, False
+    with torch.cuda.device(device):  # the GPU trained on, not the current one
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return torch.bfloat16, False
+    return torch.float16, True
 
 
 def _releases_gpu_memory(fn):
@@ -232,7 +246,8 @@ def _train_phase(train_bags, val_bags, cfg: TrainConfig, normaliser, model_cfg: 
         shift_scale = torch.as_tensor(cfg.bag_shift * stacked.std(0), dtype=torch.float32, device=device)  # (D,)
         shift_gen = torch.Generator().manual_seed(cfg.seed + 1)
     mhim = MHIMTrainer(model, cfg.mhim, steps, teacher_state, seed=cfg.seed) if cfg.mhim else None
-    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype, needs_scaler = autocast_settings(device, cfg.amp)
+    scaler = torch.amp.GradScaler(device.type) if needs_scaler else None
     if on_start is not None:
         on_start(model, mhim)
     history, best_loss, best_epoch, best_state, stale = [], float("inf"), -1, None, 0
@@ -255,16 +270,24 @@ def _train_phase(train_bags, val_bags, cfg: TrainConfig, normaliser, model_cfg: 
             if shift_scale is not None:
                 x = x + torch.randn(x.shape[-1], generator=shift_gen).to(device) * shift_scale
             y = torch.tensor([bag.label], device=device)
-            with torch.autocast(device.type, enabled=use_amp):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 if mhim is not None:
-                    loss, _, masks = mhim.loss(x, y, weight)
-                    masked.append(float(masks.masked.float().mean()))
+                    loss, _, _ = mhim.loss(x, y, weight)
+                    masked.append(mhim.history[-1].mask_ratio)
                 else:
                     loss = F.cross_entropy(model(x).logits.float(), y, weight=weight)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
+            stepped = True
+            if scaler is not None:  # float16: scaled gradients; a step with inf/NaN ones is skipped
+                scaler.scale(loss).backward()
+                scale = scaler.get_scale()
+                scaler.step(opt)
+                scaler.update()
+                stepped = scaler.get_scale() >= scale  # the scale drops when the step was skipped
+            else:
+                loss.backward()
+                opt.step()
+            if sched is not None and stepped:
                 sched.step()
             if mhim is not None:
                 mhim.after_optimizer_step()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from napari_mil.features.store import feature_path
 from napari_mil.training.data import CohortError, SlideRecord, label_columns, load_bags, read_labels
+from napari_mil.usecases.slide_to_bag import GridSettings, detect, make_grid
 
 
 @dataclass
@@ -54,16 +55,14 @@ def read_cohort(csv_path: str | Path) -> list[CohortSlide]:
     return slides
 
 
-def ensure_features(slides: list[CohortSlide], encoder, feature_root: str | Path, magnification: float = 20.0,
-                    patch_size: int = 256, tissue_preset: str = "resection", num_workers: int = 0,
+def ensure_features(slides: list[CohortSlide], encoder, feature_root: str | Path,
+                    settings: GridSettings = GridSettings(), num_workers: int = 0,
                     progress: Callable[[CohortProgress], None] | None = None,
                     cancel: Callable[[], bool] | None = None):
-    """Features for every slide (tissue detected and tiled with these settings where a slide has
+    """Features for every slide (tissue detected and tiled with ``settings`` where a slide has
     none yet; cached feature files reused as they are), then the bags, checked as for training."""
     from napari_mil.features.extract import ExtractionCancelled, extract_features
     from napari_mil.slide import open_slide
-    from napari_mil.tiling import make_patch_grid
-    from napari_mil.tissue import detect_tissue
 
     for i, item in enumerate(slides):
         if cancel is not None and cancel():
@@ -71,9 +70,8 @@ def ensure_features(slides: list[CohortSlide], encoder, feature_root: str | Path
         target = feature_path(feature_root, encoder.name, item.record.slide_id)
         extracted = not target.exists()
         if extracted:
-            with open_slide(item.path) as slide:
-                grid = make_patch_grid(slide, detect_tissue(slide, tissue_preset), patch_size=patch_size,
-                                       magnification=magnification)
+            with open_slide(item.path, mpp=settings.mpp) as slide:
+                grid = make_grid(slide, detect(slide, settings), settings)
             grid = replace(grid, slide_name=item.record.slide_id)
             extract_features(item.path, grid, encoder, feature_root, num_workers=num_workers, cancel=cancel)
         if progress is not None:
