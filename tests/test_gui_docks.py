@@ -496,7 +496,9 @@ def test_closing_the_viewer_mid_extraction_stops_it_cleanly(viewer, qtbot, tiled
     assert features.closed and not features._threads  # the extraction thread ended
     assert features.state.features is None  # nothing delivered to the closed viewer
     assert list((tmp_path / "features").rglob("*.partial.h5"))  # the resumable file stays
-    assert not [p for p in (tmp_path / "features").rglob("*.h5") if not p.name.endswith(".partial.h5")]
+    # no finished feature file (the grid the features are read from is in patches/, as for napari-mil extract)
+    assert not [p for p in (tmp_path / "features").glob("features_*/*.h5") if not p.name.endswith(".partial.h5")]
+    assert (tmp_path / "features" / "patches" / f"{tiled.state.slide.name}.h5").exists()
     assert not [m for m in notifications()[before:] if "Error" in m]
 
 

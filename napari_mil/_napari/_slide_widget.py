@@ -21,22 +21,25 @@ class SlideTissueWidget(DockBase):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(napari_viewer)
+        from napari_mil.tissue import PRESETS
+        from napari_mil.usecases.slide_to_bag import GridSettings
 
+        d = GridSettings()  # the defaults of napari-mil tile and extract
         self.path = FileEdit(label="Slide", mode="r", filter=" ".join(SLIDE_FILE_PATTERNS))
         self.open_button = PushButton(text="Open slide")
         self.mpp = FloatSpinBox(label="µm per pixel", value=0.0, min=0.0, max=20.0, step=0.001,
                                 tooltip="0 = as recorded in the slide; set it when the slide has none")
-        self.preset = ComboBox(label="Tissue preset", choices=["resection", "biopsy"], value="resection")
-        self.saturation = SpinBox(label="Saturation threshold", value=0, min=0, max=255,
+        self.preset = ComboBox(label="Tissue preset", choices=list(PRESETS), value=d.preset)
+        self.saturation = SpinBox(label="Saturation threshold", value=d.saturation_threshold or 0, min=0, max=255,
                                   tooltip="0 = Otsu (automatic)")
         self.min_area = FloatSpinBox(label="Min. tissue area (mm²)", value=0.1, min=0.0, max=100.0, step=0.005)
         self.detect_button = PushButton(text="Detect tissue")
-        self.magnification = ComboBox(label="Magnification", choices=[40.0, 20.0, 10.0, 5.0], value=20.0)
-        self.target_mpp = FloatSpinBox(label="or target µm/px", value=0.0, min=0.0, max=50.0, step=0.01,
-                                       tooltip="0 = use the magnification")
-        self.patch_size = SpinBox(label="Patch size (px)", value=256, min=8, max=4096, step=32)
-        self.overlap = SpinBox(label="Overlap (px)", value=0, min=0, max=4095)
-        self.min_tissue = FloatSpinBox(label="Min. tissue fraction", value=0.5, min=0.0, max=1.0, step=0.05)
+        self.magnification = ComboBox(label="Magnification", choices=[40.0, 20.0, 10.0, 5.0], value=d.magnification)
+        self.target_mpp = FloatSpinBox(label="or target µm/px", value=d.target_mpp or 0.0, min=0.0, max=50.0,
+                                       step=0.01, tooltip="0 = use the magnification")
+        self.patch_size = SpinBox(label="Patch size (px)", value=d.patch_size, min=8, max=4096, step=32)
+        self.overlap = SpinBox(label="Overlap (px)", value=d.overlap, min=0, max=4095)
+        self.min_tissue = FloatSpinBox(label="Min. tissue fraction", value=d.min_tissue, min=0.0, max=1.0, step=0.05)
         self.tile_button = PushButton(text="Tile")
         self.save_path = FileEdit(label="Save grid", mode="w", filter="*.h5")
         self.save_button = PushButton(text="Save grid (.h5)")
@@ -125,33 +128,32 @@ class SlideTissueWidget(DockBase):
             layer.metadata["napari_mil"]["mpp"] = value
         self.status.value = f"{slide.name}: mpp set to {value:.4g} µm/px"
 
-    def tissue_params(self):
-        from dataclasses import replace
+    def settings(self):
+        """The form's tissue and grid settings (``GridSettings``, checked: a NapariMilError if not)."""
+        from napari_mil.usecases.slide_to_bag import GridSettings
 
-        from napari_mil.tissue import PRESETS
-
-        params = PRESETS[self.preset.value]
-        return replace(
-            params,
-            saturation_threshold=int(self.saturation.value) or None,
-            min_tissue_area_um2=float(self.min_area.value) * 1e6,
-        )
+        target_mpp = float(self.target_mpp.value) or None
+        return GridSettings(magnification=float(self.magnification.value), target_mpp=target_mpp,
+                            patch_size=int(self.patch_size.value), overlap=int(self.overlap.value),
+                            min_tissue=float(self.min_tissue.value), preset=self.preset.value,
+                            saturation_threshold=int(self.saturation.value) or None,
+                            min_tissue_area_um2=float(self.min_area.value) * 1e6)
 
     def detect(self):
         """Detect tissue in a worker; the mask appears as an editable Labels layer."""
         from napari.qt.threading import create_worker
 
-        from napari_mil.tissue import detect_tissue
+        from napari_mil.usecases.slide_to_bag import detect
 
         try:
             slide = self._require_slide()
             slide.require_mpp()
+            settings = self.settings()
         except NapariMilError as exc:
             self._say(str(exc), error=True)
             return None
-        params = self.tissue_params()
         self.status.value = f"detecting tissue on {slide.name}..."
-        return self._start(create_worker(detect_tissue, slide, params, _ignore_errors=True), self._show_mask)
+        return self._start(create_worker(detect, slide, settings, _ignore_errors=True), self._show_mask)
 
     def mask_layer_name(self) -> str:
         return f"{self.state.slide.name} tissue"
@@ -197,30 +199,21 @@ class SlideTissueWidget(DockBase):
         base = layer.metadata.get("napari_mil_mask") or self.state.tissue_mask
         return TissueMask(np.asarray(layer.data) > 0, base.downsample, base.params)
 
-    def grid_params(self) -> dict:
-        target_mpp = float(self.target_mpp.value) or None
-        return dict(
-            patch_size=int(self.patch_size.value),
-            overlap=int(self.overlap.value),
-            min_tissue=float(self.min_tissue.value),
-            target_mpp=target_mpp,
-            magnification=None if target_mpp else float(self.magnification.value),
-        )
-
     def tile(self):
         """Tile the (edited) mask in a worker and show the grid as a Points layer."""
         from napari.qt.threading import create_worker
 
-        from napari_mil.tiling import make_patch_grid
+        from napari_mil.usecases.slide_to_bag import make_grid
 
         try:
             slide = self._require_slide()
             mask = self.current_mask()
+            settings = self.settings()
         except NapariMilError as exc:
             self._say(str(exc), error=True)
             return None
         self.status.value = f"tiling {slide.name}..."
-        return self._start(create_worker(make_patch_grid, slide, mask, _ignore_errors=True, **self.grid_params()), self._show_grid)
+        return self._start(create_worker(make_grid, slide, mask, settings, _ignore_errors=True), self._show_grid)
 
     def _show_grid(self, grid) -> None:
         from napari_mil._napari._layers import grid_layer_data
