@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from napari_mil.atomic import atomic_path
-from napari_mil.attention_store import load_attention
 from napari_mil.errors import NapariMilError
-from napari_mil.heatmaps import MASK_KINDS, AttentionMap
+from napari_mil.heatmaps import MASK_KINDS, AttentionMap, load_attention
 from napari_mil.paths import DATA_DIR
 
 EXPORT_FORMATS = ("geojson", "csv", "png", "topk")

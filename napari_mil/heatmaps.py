@@ -8,15 +8,26 @@ it on the slide in level-0 pixels (a full-resolution heatmap is never made). Nor
 - ``rank``: percentile rank in [0, 1] (ties share their mean rank): the top patch is 1;
 - ``log``: log10(N x a), the weight relative to uniform attention 1/N on a log scale:
   0 is average, 1 is ten times the average.
+
+Attention files hold a map of one slide, as ``predict`` writes them and ``export`` reads them:
+
+    <out>/attention/<slide>.h5
+        coords     (N, 2) int64, level-0 (x, y) of each patch's top-left corner
+        attention  (N,) float32, the model's attention (a softmax over the bag: it sums to 1)
+        attrs: the patch geometry (``PatchGeometry.to_attrs``) and what the writer adds (model,
+               probability of the last class, the slide's name, part, fold, checkpoint)
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from napari_mil.errors import NapariMilError
+from napari_mil.geometry import PatchGeometry
 
 NORMALISATIONS = ("raw", "minmax", "rank", "log")
 MASK_KINDS = ("high", "low", "random")  # MHIM-MIL's masks: random-high, low, random
@@ -31,6 +42,13 @@ class AttentionMap:
     step_level0: int | None = None  # grid spacing (patch size unless patches overlap)
     name: str = "attention"
     masked: dict[str, np.ndarray] = field(default_factory=dict)  # kind -> (N,) bool
+    geometry: PatchGeometry | None = None  # the whole geometry, when the map was made from one
+
+    @classmethod
+    def from_geometry(cls, coords: np.ndarray, values: np.ndarray, geometry: PatchGeometry, name: str = "attention",
+                      masked: dict[str, np.ndarray] | None = None) -> AttentionMap:
+        """A map over patches of ``geometry`` (a bag's or a grid's)."""
+        return cls(coords, values, geometry.patch_size_level0, geometry.step_level0, name, dict(masked or {}), geometry)
 
     def __post_init__(self):
         self.coords = np.array(self.coords, dtype=np.int64).reshape(-1, 2)  # own read-only copies: what is
@@ -43,7 +61,12 @@ class AttentionMap:
             raise NapariMilError("an attention map needs at least one patch")
         if not np.isfinite(self.values).all():
             raise NapariMilError("the attention has NaN or infinite values")
+        self.patch_size_level0 = int(self.patch_size_level0)
         self.step_level0 = int(self.step_level0 or self.patch_size_level0)
+        g = self.geometry
+        if g is not None and (g.patch_size_level0, g.step_level0) != (self.patch_size_level0, self.step_level0):
+            raise NapariMilError(f"patches of {self.patch_size_level0} px every {self.step_level0} px do not fit the "
+                                 f"geometry ({g.patch_size_level0} px every {g.step_level0} px)")
         for kind, flags in self.masked.items():
             if kind not in MASK_KINDS or len(flags) != len(self.values):
                 raise NapariMilError(f"mask {kind!r} does not fit the map ({len(flags)} flags, {len(self.values)} patches)")
@@ -165,68 +188,47 @@ def shared_limits(maps: list[AttentionMap], how: str) -> tuple[float, float]:
     return (low, high) if high > low else (low - 1.0, high + 1.0)
 
 
-def model_map(model, features: np.ndarray, coords: np.ndarray, patch_size_level0: int, name: str = "attention",
-              step_level0: int | None = None) -> tuple[AttentionMap, np.ndarray]:
-    """A model's attention over a whole bag as a map, and its class probabilities (C,)."""
-    import torch
-
-    from napari_mil.models.contract import bag_tensor
-
-    device = next(model.parameters()).device
-    model.eval()
-    with torch.no_grad():
-        out = model(bag_tensor(features, device))
-    probs = torch.softmax(out.logits.float(), 1)[0].cpu().numpy()
-    return AttentionMap(coords, out.attention[0].float().cpu().numpy(), patch_size_level0, step_level0, name), probs
+# ---- attention files ------------------------------------------------------------------------
+class AttentionFileError(NapariMilError):
+    """A file that is not an attention file."""
 
 
-def teacher_student_maps(teacher, student, features: np.ndarray, coords: np.ndarray, patch_size_level0: int,
-                         cfg, mask_ratio_h: float | None = None, seed: int = 0,
-                         step_level0: int | None = None, attention_layer: int | None = None,
-                         attention_head: int | None = None) -> tuple[AttentionMap, AttentionMap]:
-    """MHIM-MIL's view of one slide: the teacher's attention over every patch, and the student's
-    attention over the patches the teacher leaves it (the hard instances); both carry the masks
-    the teacher's scores select under ``cfg`` (random-high, low, random). Masked patches get zero
-    student attention; ``mask_ratio_h`` is the scheduled value of the step shown. For TransMIL,
-    ``attention_layer`` and ``attention_head`` choose the attention of both (None: the teacher's
-    layer is ``cfg.attn_layer``, as in training, and the student's its default)."""
-    import torch
+def save_attention(path: str | os.PathLike, amap: AttentionMap, attrs: dict | None = None) -> Path:
+    """Write a map as an attention file, atomically: its coordinates, values and geometry (the
+    patches' level-0 size and step where the map has no whole geometry), then ``attrs`` as they
+    are (None values are left out)."""
+    import h5py
 
-    from napari_mil.models.contract import attention_options, bag_tensor
-    from napari_mil.training.mhim import class_aware_score, select_masks
+    from napari_mil.atomic import atomic_path
 
-    device = next(teacher.parameters()).device
-    x = bag_tensor(features, device)
-    teacher.eval()
-    student.eval()
-    with torch.no_grad():
-        t_layer = cfg.attn_layer if attention_layer is None else attention_layer
-        t_out = teacher(x, **attention_options(teacher, t_layer, attention_head))
-        scores = t_out.attention if cfg.score == "attention" else class_aware_score(teacher, t_out)
-        masks = select_masks(scores[0], cfg, mask_ratio_h, torch.Generator().manual_seed(seed))
-        kept = masks.kept
-        s_out = student(x[:, kept], **attention_options(student, attention_layer, attention_head))
-    student_values = np.zeros(len(coords))
-    student_values[kept.cpu().numpy()] = s_out.attention[0].float().cpu().numpy()
-    flags = {kind: getattr(masks, kind).cpu().numpy() for kind in MASK_KINDS}
-    teacher_map = AttentionMap(coords, t_out.attention[0].float().cpu().numpy(), patch_size_level0, step_level0, "teacher",
-                               dict(flags))
-    student_map = AttentionMap(coords, student_values, patch_size_level0, step_level0, "student", flags)
-    return teacher_map, student_map
+    path = Path(path)
+    if amap.geometry is not None:
+        geometry = amap.geometry.to_attrs()
+    else:
+        geometry = {"patch_size_level0": amap.patch_size_level0, "step_level0": amap.step_level0}
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
+        fh.create_dataset("coords", data=amap.coords)
+        fh.create_dataset("attention", data=amap.values.astype(np.float32))
+        fh.attrs.update(geometry)
+        for key, value in (attrs or {}).items():
+            if value is not None:
+                fh.attrs[key] = value
+    return path
 
 
-def grid_geometry(attrs: dict, coords: np.ndarray) -> tuple[int, int]:
-    """(patch size, grid step) in level-0 pixels from a feature or attention file's attrs
-    (TRIDENT's ``patch_size_level0``, ``patch_size`` and ``overlap``); files without them (CLAM's
-    feature files) fall back to the grid spacing of the coordinates, taken as the patch size."""
-    if "patch_size_level0" in attrs:
-        size0 = int(attrs["patch_size_level0"])
-        size, overlap = int(attrs.get("patch_size", 0) or 0), int(attrs.get("overlap", 0) or 0)
-        step = round((size - overlap) * size0 / size) if size > 0 else size0
-        return size0, max(1, step)
-    gaps = [np.diff(np.unique(np.asarray(coords)[:, axis])) for axis in (0, 1)]
-    gaps = np.concatenate([g[g > 0] for g in gaps])
-    if not len(gaps):
-        raise NapariMilError("cannot tell the patch size: the file has no patch_size_level0 and a single patch")
-    step = int(gaps.min())
-    return step, step
+def load_attention(path: str | os.PathLike, name: str | None = None) -> tuple[AttentionMap, dict]:
+    """The file's map (named ``name``, else after the file) and its attrs. The geometry is read
+    from the attrs; files without one take the coordinates' spacing as the patch size."""
+    import h5py
+
+    from napari_mil._h5 import plain_attr
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as fh:
+            coords, values = fh["coords"][:], fh["attention"][:]
+            attrs = {k: plain_attr(v) for k, v in fh.attrs.items()}
+    except (OSError, KeyError) as exc:
+        raise AttentionFileError(f"{path}: not an attention file ({exc})") from None
+    geometry = PatchGeometry.from_attrs(attrs, coords)
+    return AttentionMap.from_geometry(coords, values, geometry, name=name or path.stem), attrs

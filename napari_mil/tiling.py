@@ -17,6 +17,7 @@ import numpy as np
 from napari_mil._h5 import plain_attr
 from napari_mil.atomic import atomic_path
 from napari_mil.errors import GridError, NoTissueError
+from napari_mil.geometry import PatchGeometry, grid_step
 from napari_mil.slide.base import Slide
 from napari_mil.tissue import TissueMask
 
@@ -45,21 +46,27 @@ class PatchGrid:
         return len(self.coords)
 
     @property
+    def geometry(self) -> PatchGeometry:
+        """The patches' geometry, as feature and attention files carry it."""
+        return PatchGeometry(
+            patch_size=self.patch_size, patch_size_level0=self.patch_size_level0,
+            step_level0=grid_step(self.patch_size, self.patch_size_level0, self.overlap), overlap=self.overlap,
+            level0_mpp=self.level0_mpp, target_mpp=self.target_mpp, level0_magnification=self.level0_magnification,
+            target_magnification=self.target_magnification, level=self.level,
+        )
+
+    @property
     def step_level0(self) -> int:
-        return max(1, int(round((self.patch_size - self.overlap) * self.patch_size_level0 / self.patch_size)))
+        return grid_step(self.patch_size, self.patch_size_level0, self.overlap)
 
     def attrs(self) -> dict:
-        """The HDF5 attrs: TRIDENT's and CLAM's names plus our explicit geometry."""
+        """The HDF5 attrs: the geometry (TRIDENT's names and ours), the slide's name, CLAM's names
+        and the read level's details."""
         level_w = int(round(self.slide_dimensions[0] / self.level_downsample))
         level_h = int(round(self.slide_dimensions[1] / self.level_downsample))
-        attrs = {
-            # TRIDENT
-            "patch_size": self.patch_size,
-            "patch_size_level0": self.patch_size_level0,
-            "level0_magnification": _nan(self.level0_magnification),
-            "target_magnification": _nan(self.target_magnification),
-            "overlap": self.overlap,
-            "name": self.slide_name,
+        return {
+            **self.geometry.to_attrs(),
+            "name": self.slide_name,  # TRIDENT
             # CLAM (its patch_size is at patch_level; ours is stored as patch_size_level)
             "patch_level": self.level,
             "downsample": np.array([self.level_downsample, self.level_downsample]),
@@ -68,12 +75,9 @@ class PatchGrid:
             # napari-mil
             "patch_size_level": self.patch_size_level,
             "level_downsample": self.level_downsample,
-            "mpp": _nan(self.target_mpp),
-            "level0_mpp": _nan(self.level0_mpp),
             "coords_reference": "level0_top_left_xy",
             "generator": "napari-mil",
         }
-        return attrs
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the grid to HDF5 atomically (a temporary file renamed into place)."""
@@ -141,10 +145,6 @@ class PatchGrid:
             target_magnification=target_mag, level0_mpp=mpp0, level0_magnification=mag0,
             slide_name=name, slide_dimensions=dims,
         )
-
-
-def _nan(value):
-    return float("nan") if value is None else float(value)
 
 
 def _num(value) -> float | None:
@@ -246,7 +246,7 @@ def make_patch_grid(
     level = slide.best_level_for_downsample(ds)
     level_ds = slide.level_downsamples[level]
     size_level = int(round(patch_size * ds / level_ds))
-    step0 = max(1, int(round((patch_size - overlap) * ds)))
+    step0 = grid_step(patch_size, size0, overlap)  # the step the geometry records
 
     if not mask.mask.any():
         raise NoTissueError(

@@ -10,6 +10,7 @@ import pytest
 from napari_mil.errors import NapariMilError
 from napari_mil.exports import export_csv, export_geojson, export_overlay_png, export_top_k, render_overlay
 from napari_mil.heatmaps import AttentionMap, shared_limits
+from napari_mil.usecases.prediction import model_map, teacher_student_maps
 
 
 def _map(values=None, name="teacher", masked=None, step=None):
@@ -180,7 +181,8 @@ def test_top_k_patches_from_the_real_slide(cmu1_path, tmp_path):
 def test_teacher_student_maps_follow_the_teacher_masks():
     import torch
 
-    from napari_mil.heatmaps import model_map, teacher_student_maps
+    from napari_mil.features.store import FeatureBag
+    from napari_mil.geometry import PatchGeometry
     from napari_mil.models import create_model
     from napari_mil.training.mhim import MHIMConfig, make_teacher
 
@@ -192,8 +194,9 @@ def test_teacher_student_maps_follow_the_teacher_masks():
     features = np.random.default_rng(1).normal(size=(11, 8)).astype(np.float32)
     coords = _map().coords
     cfg = MHIMConfig(mask_ratio_h=0.3, mask_ratio_hr=1.0, mask_ratio_l=0.2)
-    t, s = teacher_student_maps(teacher, student, features, coords, 256, cfg)
-    full, probs = model_map(teacher, features, coords, 256)
+    bag = FeatureBag(features, coords, geometry=PatchGeometry(256, 256, 256))
+    t, s = teacher_student_maps(teacher, student, bag, cfg)
+    full, probs = model_map(teacher, bag)
     assert np.allclose(t.values, full.values, atol=1e-6) and probs.sum() == pytest.approx(1)
     assert t.values.sum() == pytest.approx(1) and s.values.sum() == pytest.approx(1)
     order = np.argsort(-t.values)
@@ -245,3 +248,39 @@ def test_outline_is_the_inner_border():
     assert edge.dtype == np.uint8 and edge.sum() == 16  # the 5 x 5 square's rim
     assert not edge[3:6, 3:6].any() and edge[2, 2:7].all() and not (edge.astype(bool) & ~mask).any()
     assert outline(np.ones((3, 3), bool)).sum() == 8  # the image border counts as outside
+
+
+def test_maps_choose_the_attention_per_call_not_on_the_model():
+    """TransMIL-like models get the layer and head as call arguments; the model is left as it was."""
+    import torch
+
+    from napari_mil.features.store import FeatureBag
+    from napari_mil.geometry import PatchGeometry
+    from napari_mil.models.contract import MILOutput
+    from napari_mil.training.mhim import MHIMConfig
+
+    class Chooser(torch.nn.Module):
+        CHOOSES_ATTENTION = True
+
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+            self.calls = []
+
+        def forward(self, x, mask=None, attention_layer=None, attention_head=None):
+            self.calls.append((attention_layer, attention_head))
+            scores = x[..., 0] * (1 if attention_layer is None else attention_layer + 2)
+            attention = torch.softmax(scores if attention_head is None else -scores, 1)
+            z = (attention[..., None] * x).sum(1)
+            return MILOutput(self.fc(z), z, attention)
+
+    features = np.random.default_rng(3).normal(size=(11, 4)).astype(np.float32)
+    bag = FeatureBag(features, _map().coords, geometry=PatchGeometry(256, 256, 256))
+    model = Chooser()
+    default, _ = model_map(model, bag)
+    chosen, _ = model_map(model, bag, attention_layer=0, attention_head=1)
+    assert model.calls == [(None, None), (0, 1)] and not hasattr(model, "attention_layer")
+    assert np.argmax(default.values) == np.argmax(features[:, 0]) and np.argmax(chosen.values) == np.argmin(features[:, 0])
+    cfg = MHIMConfig(mask_ratio_h=0.2, mask_ratio_hr=1.0, mask_ratio_l=0.2)
+    t, s = teacher_student_maps(Chooser(), model, bag, cfg, attention_layer=-1, attention_head=0)
+    assert model.calls[-1] == (-1, 0) and np.allclose(t.values.sum(), 1) and s.masked["high"].any()

@@ -135,7 +135,7 @@ class CompareWidget(DockBase):
         shows them; a newer comparison asked for meanwhile replaces this one."""
         from napari.qt.threading import create_worker
 
-        from napari_mil.heatmaps import grid_geometry, teacher_student_maps
+        from napari_mil.usecases.prediction import teacher_student_maps
 
         state = self.state
         try:
@@ -151,12 +151,11 @@ class CompareWidget(DockBase):
             return None
         head = None if self.transmil_head.value < 0 else int(self.transmil_head.value)
         bag = state.features
-        size0, step = grid_geometry(bag.attrs, bag.coords)
         self._asked += 1
         asked = self._asked
         self.status.value = f"scoring {len(bag)} patches with the teacher and the student..."
-        worker = create_worker(teacher_student_maps, state.teacher, state.model, bag.features, bag.coords, size0, cfg,
-                               None, 0, step, self.transmil_layer.value, head, _ignore_errors=True)
+        worker = create_worker(teacher_student_maps, state.teacher, state.model, bag, cfg, None, 0,
+                               attention_layer=self.transmil_layer.value, attention_head=head, _ignore_errors=True)
         return self._start(worker, lambda maps: self._computed(asked, maps))
 
     def _computed(self, asked: int, maps) -> None:

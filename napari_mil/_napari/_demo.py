@@ -126,15 +126,15 @@ def slide_figures(state, threshold: float | None = None) -> dict:
     import numpy as np
 
     from napari_mil._napari._compare_layers import ground_truth
-    from napari_mil.heatmaps import grid_geometry, model_map
     from napari_mil.tiling import tissue_fractions
     from napari_mil.tissue import TissueMask
     from napari_mil.training.metrics import roc_auc
+    from napari_mil.usecases.prediction import model_map
 
     bag = state.features
     if bag is None or state.model is None:
         return {}
-    size0, step = grid_geometry(bag.attrs, bag.coords)
+    size0 = bag.geometry.patch_size_level0
     lesion = None
     truth = ground_truth(state.slide) if state.slide is not None else None  # None: CMU-1, the user's slides
     if truth is not None:
@@ -146,7 +146,7 @@ def slide_figures(state, threshold: float | None = None) -> dict:
     for name, model in (("teacher", state.teacher), ("student", state.model)):
         if model is None:
             continue
-        attention, probs = model_map(model, bag.features, bag.coords, size0, name, step)
+        attention, probs = model_map(model, bag, name)
         entry = {"probability": round(float(probs[-1]), 3)}
         if threshold is not None:
             entry["positive"] = bool(probs[-1] >= threshold)

@@ -70,7 +70,7 @@ class ModelWidget(DockBase):
         """Run the model on the slide's features in a worker; show the prediction and the map."""
         from napari.qt.threading import create_worker
 
-        from napari_mil.heatmaps import grid_geometry, model_map
+        from napari_mil.usecases.prediction import model_map
 
         state = self.state
         try:
@@ -83,10 +83,8 @@ class ModelWidget(DockBase):
             self._say(str(exc), error=True)
             return None
         bag = state.features
-        size0, step = grid_geometry(bag.attrs, bag.coords)
         self.status.value = f"running the model on {len(bag)} patches..."
-        worker = create_worker(model_map, state.model, bag.features, bag.coords, size0, "attention", step,
-                               _ignore_errors=True)
+        worker = create_worker(model_map, state.model, bag, "attention", _ignore_errors=True)
         return self._start(worker, lambda result: self._show(*result))
 
     def _show(self, amap, probs) -> None:

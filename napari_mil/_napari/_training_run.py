@@ -114,16 +114,14 @@ def open_slide_fold(slides: list, folds: list[dict], open_slide: Path | None) ->
 
 def maps_now(holder: dict, bag, mhim_cfg):
     """The open slide's teacher | student maps between two epochs (in the training thread)."""
-    from napari_mil.heatmaps import grid_geometry, teacher_student_maps
+    from napari_mil.usecases.prediction import teacher_student_maps
 
     model, mhim = holder.get("model"), holder.get("mhim")
     if bag is None or model is None or mhim is None:
         return None
-    size0, step = grid_geometry(bag.attrs, bag.coords)
     was_training = model.training
     try:
-        return teacher_student_maps(mhim.teacher, model, bag.features, bag.coords, size0, mhim_cfg,
-                                    mhim.current_ratio_h(), 0, step)
+        return teacher_student_maps(mhim.teacher, model, bag, mhim_cfg, mhim.current_ratio_h(), 0)
     finally:
         model.train(was_training)
 

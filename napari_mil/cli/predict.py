@@ -14,7 +14,7 @@ def cmd_predict(args) -> int:
     """Slide predictions and per-patch attention from a checkpoint, or out of fold (--oof)."""
     from napari_mil.features.store import FeatureBag, feature_path
     from napari_mil.training.checkpoints import checkpoint_encoder, load_for_prediction
-    from napari_mil.training.inference import predict_bag, write_prediction
+    from napari_mil.usecases.prediction import predict_bag, write_prediction
 
     if args.oof:
         return _predict_out_of_fold(args)
@@ -51,7 +51,7 @@ def cmd_predict(args) -> int:
 
 def _predict_out_of_fold(args) -> int:
     """Every test slide of a cross-validated run, scored by its own fold's checkpoint."""
-    from napari_mil.training.inference import out_of_fold
+    from napari_mil.usecases.prediction import out_of_fold
 
     if args.checkpoint:
         print("error: --oof takes each fold's checkpoint from MODELS_DIR: leave out --checkpoint", file=sys.stderr)

@@ -222,12 +222,9 @@ def extract_features(
     elapsed = time.perf_counter() - t_start
     attrs = {
         "encoder": encoder.name, "weights_hash": encoder.weights_hash, "dim": encoder.dim, "cache_key": key,
-        "name": name, "slide_path": str(slide_path), "patch_size": grid.patch_size,
-        "patch_size_level0": grid.patch_size_level0, "patch_level": grid.level, "patch_size_level": grid.patch_size_level,
-        "level0_magnification": grid.level0_magnification, "target_magnification": grid.target_magnification,
-        "mpp": grid.target_mpp, "level0_mpp": grid.level0_mpp, "overlap": grid.overlap, "dtype": dtype,
+        "name": name, "slide_path": str(slide_path), "patch_size_level": grid.patch_size_level, "dtype": dtype,
     }
-    bag = FeatureBag(features[valid], grid.coords[valid], attrs, grid.coords[~valid])
+    bag = FeatureBag(features[valid], grid.coords[valid], attrs, grid.coords[~valid], grid.geometry)
     bag.save(final, dtype=np.float16 if dtype == "float16" else np.float32)
     partial.unlink(missing_ok=True)
     done_now = n - resumed_from

@@ -4,10 +4,12 @@
         features   (N, D) float16 or float32
         coords     (N, 2) int64, level-0 (x, y) of each patch's top-left corner
         skipped_coords (M, 2) int64, patches that could not be read (napari-mil only)
-        attrs (file and ``features``): encoder, weights_hash, dim, cache_key, patch geometry, mpp
+        attrs (file and ``features``): encoder, weights_hash, dim, cache_key, name
+        attrs (``coords``): the patch geometry (``PatchGeometry.to_attrs``: TRIDENT's names and ours)
 
 TRIDENT writes the same two datasets (its ``coords`` carry the patch attrs); CLAM's
-``h5_files/<slide>.h5`` has them without attrs. ``FeatureBag.load`` reads all three.
+``h5_files/<slide>.h5`` has them without attrs. ``FeatureBag.load`` reads all three, deriving the
+geometry they leave out (``PatchGeometry.from_attrs``).
 """
 
 from __future__ import annotations
@@ -15,24 +17,42 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from napari_mil._h5 import plain_attr
 from napari_mil.atomic import atomic_path
-from napari_mil.errors import FeatureStoreError
+from napari_mil.errors import FeatureStoreError, GridError
+from napari_mil.geometry import PatchGeometry
 
 
-@dataclass(eq=False)
 class FeatureBag:
-    """A slide's patch features and their level-0 coordinates."""
+    """A slide's patch features, their level-0 coordinates and the patches' geometry.
 
-    features: np.ndarray  # (N, D)
-    coords: np.ndarray  # (N, 2) int64, level-0 (x, y)
-    attrs: dict = field(default_factory=dict)
-    skipped_coords: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    ``attrs`` hold what the file says besides (encoder, weights_hash, cache_key, the slide's name);
+    ``geometry`` is given, or read from the attrs and coordinates when first asked for.
+    """
+
+    def __init__(self, features: np.ndarray, coords: np.ndarray, attrs: dict | None = None,
+                 skipped_coords: np.ndarray | None = None, geometry: PatchGeometry | None = None):
+        self.features = features  # (N, D)
+        self.coords = coords  # (N, 2) int64, level-0 (x, y)
+        self.attrs = {} if attrs is None else attrs
+        self.skipped_coords = np.zeros((0, 2), np.int64) if skipped_coords is None else skipped_coords
+        self._geometry = geometry
+
+    def __repr__(self) -> str:
+        return f"FeatureBag({len(self)} patches, {self.features.shape[-1]}-d {self.encoder} features)"
+
+    @property
+    def geometry(self) -> PatchGeometry:
+        """The patches' geometry; for a bag made without one, from its attrs (napari-mil's and
+        TRIDENT's files) or its coordinates' spacing (CLAM's). GridError when they cannot tell
+        (an empty bag, a single patch without attrs)."""
+        if self._geometry is None:
+            self._geometry = PatchGeometry.from_attrs(self.attrs, self.coords)
+        return self._geometry
 
     def __len__(self) -> int:
         return len(self.features)
@@ -62,32 +82,40 @@ class FeatureBag:
             return self
         from napari_mil.models.contract import bag_tensor
 
-        return FeatureBag(bag_tensor(self.features)[0].numpy(), self.coords, self.attrs, self.skipped_coords)
+        return FeatureBag(bag_tensor(self.features)[0].numpy(), self.coords, self.attrs, self.skipped_coords,
+                          self._geometry)
 
     def save(self, path: str | os.PathLike, dtype=np.float32) -> Path:
-        """Write atomically: a temporary file in the same folder renamed into place."""
+        """Write atomically: a temporary file in the same folder renamed into place. The geometry
+        goes on ``coords`` (where TRIDENT puts it), the other attrs on the file and ``features``;
+        a bag whose geometry nothing tells (an empty one) is written without."""
         import h5py
 
         path = Path(path)
+        try:
+            geometry = self.geometry
+        except GridError:
+            geometry = None
+        geometry_attrs = geometry.to_attrs() if geometry is not None else {}
         try:
             with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
                 feats = fh.create_dataset("features", data=np.asarray(self.features, dtype=dtype))
                 coords = fh.create_dataset("coords", data=np.asarray(self.coords, dtype=np.int64).reshape(-1, 2))
                 fh.create_dataset("skipped_coords", data=np.asarray(self.skipped_coords, np.int64).reshape(-1, 2))
                 for key, value in self.attrs.items():
-                    value = _attr(value)
-                    fh.attrs[key] = value
-                    feats.attrs[key] = value
-                for key in ("patch_size", "patch_size_level0", "level0_magnification", "target_magnification", "overlap", "name"):
-                    if key in self.attrs:
-                        coords.attrs[key] = _attr(self.attrs[key])
+                    if key not in geometry_attrs:  # the typed geometry is the one written
+                        fh.attrs[key] = feats.attrs[key] = _attr(value)
+                coords.attrs.update(geometry_attrs)
+                if "name" in self.attrs:  # TRIDENT's slide name
+                    coords.attrs["name"] = _attr(self.attrs["name"])
         except OSError as exc:
             raise _disk_error(exc, path) from None
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureBag:
-        """Read a bag written by napari-mil, TRIDENT or CLAM."""
+        """Read a bag written by napari-mil, TRIDENT or CLAM; its geometry comes from the attrs
+        of ``coords`` (and, in older napari-mil files, of the file), else the coordinates."""
         import h5py
 
         path = Path(path)

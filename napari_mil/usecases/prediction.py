@@ -1,62 +1,112 @@
-"""Prediction with checkpoints: a checkpoint's student or MHIM-MIL teacher, one slide's
-probability and attention, and out-of-fold prediction over a cross-validated ``train`` run
-(every slide scored by the model of the fold that held it out).
+"""Prediction: a model's probability and attention map over one slide's bag, the MHIM-MIL
+teacher's and student's maps side by side, a checkpoint's prediction written as an attention
+file, and out-of-fold prediction over a cross-validated ``train`` run (every slide scored by the
+model of the fold that held it out).
 
-The CLI's ``predict`` (and ``predict --oof``) call these; the attention files they write are
-``napari_mil.attention_store``'s.
+The CLI's ``predict`` (and ``predict --oof``) and the napari docks call these; the attention
+files are ``napari_mil.heatmaps``'s. Models that choose where their attention is read (TransMIL's
+layer and head) get the choice as arguments of the call, never as attributes set on the model.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from napari_mil.errors import NapariMilError
+from napari_mil.heatmaps import MASK_KINDS, AttentionMap, save_attention
+from napari_mil.models.contract import attention_options, bag_tensor
 from napari_mil.training.checkpoints import checkpoint_encoder, load_for_prediction
+from napari_mil.training.mhim import class_aware_score, select_masks
 
+
+def _run(model, x, attention_layer: int | None = None, attention_head: int | None = None):
+    """The model's output for a bag tensor, in eval mode and without gradients."""
+    model.eval()
+    with torch.no_grad():
+        return model(x, **attention_options(model, attention_layer, attention_head))
+
+
+def model_map(model, bag, name: str = "attention", attention_layer: int | None = None,
+              attention_head: int | None = None) -> tuple[AttentionMap, np.ndarray]:
+    """A model's attention over a whole bag as a map, and its class probabilities (C,).
+    ``attention_layer`` and ``attention_head`` choose TransMIL's attention (None: its default)."""
+    geometry = bag.geometry  # before the forward: a bag without one fails fast
+    out = _run(model, bag_tensor(bag.features, next(model.parameters()).device), attention_layer, attention_head)
+    probs = torch.softmax(out.logits.float(), 1)[0].cpu().numpy()
+    return AttentionMap.from_geometry(bag.coords, out.attention[0].float().cpu().numpy(), geometry, name), probs
+
+
+def teacher_student_maps(teacher, student, bag, cfg, mask_ratio_h: float | None = None, seed: int = 0,
+                         attention_layer: int | None = None,
+                         attention_head: int | None = None) -> tuple[AttentionMap, AttentionMap]:
+    """MHIM-MIL's view of one slide: the teacher's attention over every patch, and the student's
+    attention over the patches the teacher leaves it (the hard instances); both carry the masks
+    the teacher's scores select under ``cfg`` (random-high, low, random). Masked patches get zero
+    student attention; ``mask_ratio_h`` is the scheduled value of the step shown. For TransMIL,
+    ``attention_layer`` and ``attention_head`` choose the attention of both (None: the teacher's
+    layer is ``cfg.attn_layer``, the one it masks with in training, and the student's its default)."""
+    geometry = bag.geometry
+    x = bag_tensor(bag.features, next(teacher.parameters()).device)
+    t_out = _run(teacher, x, cfg.attn_layer if attention_layer is None else attention_layer, attention_head)
+    with torch.no_grad():
+        scores = t_out.attention if cfg.score == "attention" else class_aware_score(teacher, t_out)
+        masks = select_masks(scores[0], cfg, mask_ratio_h, torch.Generator().manual_seed(seed))
+    kept = masks.kept
+    s_out = _run(student, x[:, kept], attention_layer, attention_head)
+    student_values = np.zeros(len(bag.coords))
+    student_values[kept.cpu().numpy()] = s_out.attention[0].float().cpu().numpy()
+    flags = {kind: getattr(masks, kind).cpu().numpy() for kind in MASK_KINDS}
+    teacher_map = AttentionMap.from_geometry(bag.coords, t_out.attention[0].float().cpu().numpy(), geometry,
+                                             "teacher", dict(flags))
+    student_map = AttentionMap.from_geometry(bag.coords, student_values, geometry, "student", flags)
+    return teacher_map, student_map
+
+
+# ---- a checkpoint's prediction ---------------------------------------------------------------
 @dataclass
 class SlidePrediction:
     slide_id: str
     probability: float  # of the last class
     predicted: int
     threshold: float
-    attention: np.ndarray  # (N,)
+    attention: AttentionMap
 
 
 def predict_bag(model, meta: dict, bag, slide_id: str, encoder: str | None = None) -> SlidePrediction:
-    """One slide's probability and per-patch attention; features of another dimension than the
+    """One slide's probability and attention map; features of another dimension than the
     checkpoint's and empty bags are refused with a message."""
-    import torch
-
-    from napari_mil.models.contract import bag_tensor
-
     if len(bag) == 0:
         raise NapariMilError(f"{slide_id}: the bag is empty (no patch was extracted)")
     if bag.dim != meta["in_dim"]:
         trained = f" ({meta['encoder']})" if meta.get("encoder") else ""
         raise NapariMilError(f"{slide_id}: {bag.dim}-d {encoder or bag.encoder} features, but the checkpoint expects "
                              f"{meta['in_dim']}-d features{trained}: give --encoder with the encoder it was trained on")
-    device = next(model.parameters()).device
-    model.eval()
-    with torch.no_grad():
-        out = model(bag_tensor(bag.features, device))
-    prob = float(torch.softmax(out.logits.float(), 1)[0, -1])
+    amap, probs = model_map(model, bag)
+    prob = float(probs[-1])
     threshold = float(meta.get("threshold", 0.5))
-    return SlidePrediction(slide_id, prob, int(prob >= threshold), threshold, out.attention[0].float().cpu().numpy())
+    return SlidePrediction(slide_id, prob, int(prob >= threshold), threshold, amap)
+
+
+def attention_path(out: str | os.PathLike, slide_id: str) -> Path:
+    """Where ``predict`` puts a slide's attention under its output folder."""
+    return Path(out) / "attention" / f"{slide_id}.h5"
 
 
 def write_prediction(out: str | Path, pred: SlidePrediction, bag, meta: dict, **attrs) -> Path:
-    """The slide's attention file under ``out/attention/``, in the layout ``export`` reads."""
-    from napari_mil.attention_store import attention_path, save_attention
-
-    return save_attention(attention_path(out, pred.slide_id), bag.coords, pred.attention,
-                          {"model": meta["model"], "probability": pred.probability, **attrs}, geometry=bag.attrs)
+    """The slide's attention file under ``out/attention/``, in the layout ``export`` reads, with
+    the model, the probability, the slide's name and ``attrs``."""
+    return save_attention(attention_path(out, pred.slide_id), pred.attention,
+                          {"model": meta["model"], "probability": pred.probability, "name": bag.attrs.get("name"),
+                           **attrs})
 
 
 # ---- out-of-fold prediction ----------------------------------------------------------------
