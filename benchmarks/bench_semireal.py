@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_semireal.py [--slides 60] [--difficulty D] [--seeds 3] [--out semireal.json]
 
-Protocol. The semi-real cohort of benchmarks/semireal_data.py (napari_mil.semireal: real CMU-1
+Protocol. The semi-real cohort of benchmarks/semireal_data.py (napari_mil.synthetic.semireal: real CMU-1
 texture, nuclear-atypia lesions on 1-30% of the tissue of half the slides, stain variation,
 inflammatory mimics, pen, folds, floaters; two slides per patient), tiled at 20x in 256 px
 patches and encoded with the default encoder (hne_stats). Patient-level stratified 5-fold
@@ -146,7 +146,7 @@ def configurations(slides_too_small: bool):
 
 def main() -> None:
     from napari_mil.models import create_model, parameter_counts
-    from napari_mil.semireal import DEFAULT_DIFFICULTY
+    from napari_mil.synthetic.semireal import DEFAULT_DIFFICULTY
     from napari_mil.training.data import patient_folds
     from napari_mil.training.metrics import bootstrap_ci
 

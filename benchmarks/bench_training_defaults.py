@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="run the candidates whose name contains this")
     parser.add_argument("--difficulty", type=float, default=None, help="the cohort's difficulty (default: the generator's)")
     args = parser.parse_args()
-    from napari_mil.semireal import DEFAULT_DIFFICULTY
+    from napari_mil.synthetic.semireal import DEFAULT_DIFFICULTY
 
     difficulty = DEFAULT_DIFFICULTY if args.difficulty is None else args.difficulty
     all_bags, lesion = bags(cohort(args.slides, difficulty))

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/semireal_data.py [--slides 60] [--difficulty 0.5] [--seeds 3]
 
-prints the calibration figures of a cohort (napari_mil.semireal): the patch-level ceiling, a
+prints the calibration figures of a cohort (napari_mil.synthetic.semireal): the patch-level ceiling, a
 colour-only baseline and mean-pooled features with logistic regression, each over patient-level
 5-fold cross-validation repeated for each seed (mean ± sd over seeds of the pooled
 out-of-fold AUC).
@@ -38,7 +38,7 @@ RGB_MEAN = slice(15, 18)  # hne_stats: the patch's mean R, G, B
 
 
 def cohort(n_slides: int = 60, difficulty: float = 0.5, seed: int = 0, log=print) -> list[dict]:
-    from napari_mil.semireal import make_semireal_cohort
+    from napari_mil.synthetic.semireal import make_semireal_cohort
 
     folder = CACHE / f"semireal_{n_slides}_d{difficulty:g}_s{seed}"
     t = time.perf_counter()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_mil.semireal import (
+from napari_mil.synthetic.semireal import (
     LesionStyle,
     _concentrations,
     atypia,

@@ -1,6 +1,6 @@
 """The teaching demo, the README's main job: MHIM-MIL's teacher and masked student, live.
 
-It opens a held-out semi-real slide (``napari_mil.semireal``: real H&E texture of the CMU-1
+It opens a held-out semi-real slide (``napari_mil.synthetic.semireal``: real H&E texture of the CMU-1
 slide, a nuclear-atypia lesion whose extent is known, stain variation and mimics), detects
 tissue, tiles it and extracts its features, while a small labelled semi-real cohort is
 generated (cached after the first run). It then puts its training setup (the cohort with one
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from napari_mil.atomic import write_json
 
-# Semi-real slides (napari_mil.semireal) at 0.5 µm/px, 256 px patches at 20x. The cohort: 24
+# Semi-real slides (napari_mil.synthetic.semireal) at 0.5 µm/px, 256 px patches at 20x. The cohort: 24
 # slides of 5120x3840 (bags of about 50-110 patches), half with a lesion on 5-30% of the tissue,
 # a little easier than the default difficulty (0.5) so that a couple of minutes of CPU teach
 # the models where the lesions are on every cohort seed tried.
@@ -68,7 +68,7 @@ def demo_folder() -> Path:
 
 def demo_slide_path() -> Path:
     """The held-out slide with its ground-truth lesion, written once."""
-    from napari_mil.semireal import make_semireal_slide
+    from napari_mil.synthetic.semireal import make_semireal_slide
 
     path = demo_folder() / "held_out" / "held_out_slide.tif"
     if not path.with_suffix(".json").exists():
@@ -88,7 +88,7 @@ def demo_cohort() -> Path:
     import multiprocessing
     import os
 
-    from napari_mil.semireal import make_semireal_cohort
+    from napari_mil.synthetic.semireal import make_semireal_cohort
 
     folder = demo_folder() / "cohort"
     csv_path = folder / "labels.csv"

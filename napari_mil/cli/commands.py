@@ -150,7 +150,7 @@ def cmd_synthetic(args) -> int:
 
     try:
         if args.semireal:
-            from napari_mil.semireal import make_semireal_cohort, make_semireal_slide
+            from napari_mil.synthetic.semireal import make_semireal_cohort, make_semireal_slide
 
             size = {"width": args.width or 7168, "height": args.height or 5632}
             if args.cohort:

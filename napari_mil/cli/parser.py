@@ -50,14 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_grid_options(t)
     t.set_defaults(func=cmd_tile)
 
-    from napari_mil.semireal import DEFAULT_DIFFICULTY
+    from napari_mil.synthetic.semireal import DEFAULT_DIFFICULTY
 
     s = sub.add_parser("synthetic", help="write a synthetic H&E slide (or a cohort) with ground truth",
                        description="Cartoon slides (easy: every model separates them) or, with --semireal, slides "
                                    "of real H&E texture with subtle nuclear-atypia lesions, stain variation and "
                                    "mimics, for learning that is not trivial.")
     s.add_argument("out", help="output .tif (or a folder with --cohort)")
-    s.add_argument("--semireal", action="store_true", help="semi-real slides (napari_mil.semireal) instead of cartoons")
+    s.add_argument("--semireal", action="store_true", help="semi-real slides (napari_mil.synthetic.semireal) instead of cartoons")
     s.add_argument("--difficulty", type=float, default=DEFAULT_DIFFICULTY,
                    help="semi-real: 0 obvious lesions, 1 none visible (default %(default)s, calibrated in "
                         "docs/benchmarks.md)")

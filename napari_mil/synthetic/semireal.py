@@ -29,26 +29,29 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from napari_mil.paths import CMU1_PATH
-from napari_mil.synthetic import (
+from napari_mil.synthetic.fields import (
     BACKGROUND,
-    MASK_DOWNSAMPLE,
     PEN_COLOURS,
+    nuclei_layer,
+    sharpen,
+    smooth_noise,
+    stroke,
+    tissue_field,
+    upsample,
+)
+from napari_mil.synthetic.files import (
+    MASK_DOWNSAMPLE,
     SyntheticSlide,
-    _nuclei_layer,
-    _sharpen,
-    _smooth_noise,
-    _tissue_field,
-    _upsample,
-    _write_json,
-    _write_png,
     cohort_plan,
+    cohort_row,
+    write_ground_truth,
     write_labels,
 )
 
@@ -157,8 +160,8 @@ def _lesion_field(rng, tissue: np.ndarray, burden: float) -> np.ndarray:
         return lesion
     target = max(1, int(round(burden * n_tissue)))
     inside = ndimage.distance_transform_edt(tissue)
-    coarse = _smooth_noise(rng, tissue.shape, sigma=max(tissue.shape) / 14)
-    fine = _smooth_noise(rng, tissue.shape, sigma=1.2)
+    coarse = smooth_noise(rng, tissue.shape, sigma=max(tissue.shape) / 14)
+    fine = smooth_noise(rng, tissue.shape, sigma=1.2)
     foci = 1 if target < 40 else int(rng.integers(1, 4))
     candidates = np.argwhere(inside > 2)
     if len(candidates) == 0:
@@ -182,7 +185,7 @@ def _blobs(rng, shape, count: int, radius: tuple[float, float], where: np.ndarra
     pool = np.argwhere(where) if where is not None else None
     if count == 0 or (pool is not None and len(pool) == 0):
         return out
-    wobble = _smooth_noise(rng, shape, sigma=2.0)
+    wobble = smooth_noise(rng, shape, sigma=2.0)
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
     for _ in range(count):
         cy, cx = pool[rng.integers(len(pool))] if pool is not None else rng.integers(0, shape)
@@ -227,7 +230,7 @@ def make_semireal_slide(
     ``difficulty`` in [0, 1] sets how subtle the atypia is and how much the stain varies.
     ``stain`` overrides the slide's random stain (keys ``h``, ``e``: concentration factors;
     ``angle``: stain-vector perturbation in radians; ``brightness``)."""
-    from napari_mil.synthetic import write_pyramid
+    from napari_mil.synthetic.files import write_pyramid
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +246,7 @@ def make_semireal_slide(
     shape = (math.ceil(height / ds), math.ceil(width / ds))
     px_per_um = 1.0 / (mpp * ds)  # mask pixels per µm
 
-    tissue = _tissue_field(rng, shape, tissue_pieces)
+    tissue = tissue_field(rng, shape, tissue_pieces)
     main = ndimage.binary_erosion(tissue, iterations=2)  # lesions and mimics stay off the edge and the floaters
     if floaters:
         away = ~ndimage.binary_dilation(tissue, iterations=max(3, int(200 * px_per_um)))
@@ -256,7 +259,7 @@ def make_semireal_slide(
     # does not change how much of the slide is dense
     dense_share = rng.uniform(0.3, 0.6)
     lesion_zone = ndimage.binary_dilation(lesion, iterations=2) & tissue
-    field = _smooth_noise(rng, shape, sigma=max(shape) / 20)
+    field = smooth_noise(rng, shape, sigma=max(shape) / 20)
     field[lesion_zone] = np.inf
     n_dense = max(int(dense_share * tissue.sum()), int(lesion_zone.sum()))
     dense = np.zeros(shape, bool)
@@ -267,9 +270,9 @@ def make_semireal_slide(
     folds = _band(rng, shape, rng.uniform(60, 160) * px_per_um, tissue) if fold else np.zeros(shape, bool)
     pen = np.zeros(shape, bool)
     if pen_marks:
-        from napari_mil.synthetic import _stroke
 
-        pen = _stroke(shape, rng, width_px=max(2.0, 250 * px_per_um))
+
+        pen = stroke(shape, rng, width_px=max(2.0, 250 * px_per_um))
 
     # the slide's stain: haematoxylin and eosin amounts, perturbed stain vectors, brightness
     j = style.stain_jitter
@@ -289,7 +292,7 @@ def make_semireal_slide(
               for name, f in (("tissue", tissue), ("lesion", lesion), ("inflam", inflam), ("fold", folds), ("pen", pen))}
     dense_f = dense.astype(np.float32)
     pen_colour = PEN_COLOURS["blue" if rng.random() < 0.5 else "green"]
-    lymph_bank = [_nuclei_layer(rng, BLOCK, int((BLOCK * mpp) ** 2 / 45), (2.6 / mpp, 3.6 / mpp), (1.0, 1.25))
+    lymph_bank = [nuclei_layer(rng, BLOCK, int((BLOCK * mpp) ** 2 / 45), (2.6 / mpp, 3.6 / mpp), (1.0, 1.25))
                   for _ in range(4)]
     noise_bank = rng.normal(0, 1.0, (2 * BLOCK, 2 * BLOCK, 1)).astype(np.float32)
     rows, cols = math.ceil(height / BLOCK), math.ceil(width / BLOCK)
@@ -312,44 +315,33 @@ def make_semireal_slide(
             crop = crop[:, ::-1]
         conc = _concentrations(crop)
         if fields["lesion"][window].any():
-            u = _sharpen(_upsample(fields["lesion"], y0, x0, BLOCK, ds))
+            u = sharpen(upsample(fields["lesion"], y0, x0, BLOCK, ds))
             shift = tuple(int(v) * int(s) for v, s in zip(brng.integers(6, 14, 2), brng.choice([-1, 1], 2)))
             conc[..., 0] += u * (atypia(conc[..., 0], style, shift) - conc[..., 0])
         if fields["inflam"][window].any():
-            v = _sharpen(_upsample(fields["inflam"], y0, x0, BLOCK, ds))
+            v = sharpen(upsample(fields["inflam"], y0, x0, BLOCK, ds))
             lymph = lymph_bank[int(brng.integers(len(lymph_bank)))]
             conc[..., 0] = np.maximum(conc[..., 0], v * lymph * brng.uniform(0.9, 1.2))
             conc[..., 1] *= 1.0 - 0.5 * v * lymph
         if fields["fold"][window].any():
-            f = _sharpen(_upsample(fields["fold"], y0, x0, BLOCK, ds))[..., None]
+            f = sharpen(upsample(fields["fold"], y0, x0, BLOCK, ds))[..., None]
             conc *= 1.0 + 0.9 * f
         img = _to_rgb(conc * scale, stains)
-        t = _sharpen(_upsample(fields["tissue"], y0, x0, BLOCK, ds))[..., None]
+        t = sharpen(upsample(fields["tissue"], y0, x0, BLOCK, ds))[..., None]
         if t.min() < 1.0:
             img = BACKGROUND + t * (img - BACKGROUND)
         if fields["pen"][window].any():
-            p = _sharpen(_upsample(fields["pen"], y0, x0, BLOCK, ds))[..., None] * 0.7
+            p = sharpen(upsample(fields["pen"], y0, x0, BLOCK, ds))[..., None] * 0.7
             img = img + p * (pen_colour - img)
         return np.clip(img + 2.0 * noise, 0, 255).astype(np.uint8)
 
     write_pyramid(path, render, rows, cols, BLOCK, width, height, mpp, jpeg_quality, workers)
 
-    stem = path.with_suffix("")
-    pngs = {name: Path(f"{stem}.{name}.png") for name in ("tissue", "tumour", "artefacts", "mimics")}
-    _write_png(pngs["tissue"], tissue)
-    _write_png(pngs["tumour"], lesion)
-    _write_png(pngs["artefacts"], pen | folds)
-    _write_png(pngs["mimics"], inflam)
-    info = SyntheticSlide(
-        path=str(path), tissue_mask_path=str(pngs["tissue"]), tumour_mask_path=str(pngs["tumour"]),
-        artefact_mask_path=str(pngs["artefacts"]), width=width, height=height, mpp=mpp, mask_downsample=ds,
-        seed=seed, tumour_fraction=float(lesion.sum() / max(tissue.sum(), 1)), label=int(lesion.any()),
-        pen_marks=bool(pen.any()), debris=bool(floaters), kind="semireal", difficulty=difficulty,
-        mimic_mask_path=str(pngs["mimics"]), fold=bool(folds.any()),
-        stain={"h": h_amount, "e": e_amount, "angle": angle, "brightness": brightness},
-    )
-    _write_json(path.with_suffix(".json"), asdict(info))
-    return info
+    return write_ground_truth(
+        path, {"tissue": tissue, "tumour": lesion, "artefacts": pen | folds, "mimics": inflam}, width=width,
+        height=height, mpp=mpp, mask_downsample=ds, seed=seed, pen_marks=bool(pen.any()), debris=bool(floaters),
+        kind="semireal", difficulty=difficulty, fold=bool(folds.any()),
+        stain={"h": h_amount, "e": e_amount, "angle": angle, "brightness": brightness})
 
 
 def make_semireal_cohort(
@@ -388,8 +380,7 @@ def make_semireal_cohort(
         else:
             info = make_semireal_slide(target, width=width, height=height, seed=seed * 10007 + i, lesion_burden=burden,
                                        difficulty=difficulty, workers=workers, **options)
-        rows.append({"slide_id": slide_id, "path": f"{slide_id}.tif", "label": info.label,
-                     "patient_id": f"patient_{patient_of[i]:03d}", "tumour_fraction": f"{info.tumour_fraction:.5f}"})
+        rows.append(cohort_row(slide_id, info, patient_of[i]))
         if progress is not None:
             progress(i + 1, n_slides)
     return write_labels(folder, rows)
