@@ -1,7 +1,6 @@
 """The docks after Slide & tissue, driven through the manifest in a real napari viewer (Xvfb)."""
 
 import pytest
-from test_gui import PLUGIN, notifications, wait_for
 
 pytestmark = pytest.mark.gui
 
@@ -15,20 +14,20 @@ def viewer(make_napari_viewer, tmp_path, monkeypatch):
 
 
 def dock(viewer, name):
-    return viewer.window.add_plugin_dock_widget(PLUGIN, name)[1]
+    return viewer.window.add_plugin_dock_widget("napari-mil", name)[1]
 
 
 @pytest.fixture
-def tiled(viewer, qtbot, synthetic_slide):
+def tiled(viewer, qtbot, synthetic_slide, wait_for):
     """The synthetic slide opened, its tissue detected and tiled in the Slide & tissue dock."""
     slide_dock = dock(viewer, "Slide & tissue")
-    viewer.open(synthetic_slide.path, plugin=PLUGIN)
+    viewer.open(synthetic_slide.path, plugin="napari-mil")
     wait_for(qtbot, slide_dock, slide_dock.detect())
     wait_for(qtbot, slide_dock, slide_dock.tile())
     return slide_dock
 
 
-def test_features_extract_then_load_from_the_cache(viewer, qtbot, tiled):
+def test_features_extract_then_load_from_the_cache(viewer, qtbot, tiled, wait_for):
     features = dock(viewer, "Features")
     features.workers.value = 0
     wait_for(qtbot, features, features.extract())
@@ -45,7 +44,7 @@ def test_features_extract_then_load_from_the_cache(viewer, qtbot, tiled):
     assert len(features.state.features) == len(grid)
 
 
-def test_features_cancel_keeps_the_viewer_running(viewer, qtbot, tiled):
+def test_features_cancel_keeps_the_viewer_running(viewer, qtbot, tiled, wait_for, notifications):
     features = dock(viewer, "Features")
     features.workers.value = 0
     features.batch_size.value = 4
@@ -66,14 +65,14 @@ def test_features_say_what_is_missing(viewer):
 
 
 @pytest.fixture
-def with_features(viewer, qtbot, tiled):
+def with_features(viewer, qtbot, tiled, wait_for):
     features = dock(viewer, "Features")
     features.workers.value = 0
     wait_for(qtbot, features, features.extract())
     return features.state
 
 
-def test_model_loads_checkpoints_and_shows_the_map(viewer, qtbot, with_features, tmp_path):
+def test_model_loads_checkpoints_and_shows_the_map(viewer, qtbot, with_features, tmp_path, wait_for):
     import numpy as np
     import torch
 
@@ -111,7 +110,7 @@ def test_model_loads_checkpoints_and_shows_the_map(viewer, qtbot, with_features,
     assert np.allclose(state.attention.values, attention[0].detach().numpy(), atol=1e-5)
 
 
-def test_model_refuses_what_does_not_fit(viewer, qtbot, with_features, tmp_path):
+def test_model_refuses_what_does_not_fit(viewer, qtbot, with_features, tmp_path, wait_for, notifications):
     from napari_mil.models import create_model
     from napari_mil.training.checkpoints import save_checkpoint
 
@@ -129,7 +128,7 @@ def test_model_refuses_what_does_not_fit(viewer, qtbot, with_features, tmp_path)
 
 
 @pytest.fixture
-def mhim_pair(viewer, qtbot, with_features, tmp_path):
+def mhim_pair(viewer, qtbot, with_features, tmp_path, wait_for):
     """An MHIM-MIL checkpoint of the official layout (38-d) loaded in the Model dock."""
     import torch
     from test_interop import OfficialMHIM, _randomise
@@ -141,7 +140,7 @@ def mhim_pair(viewer, qtbot, with_features, tmp_path):
     return with_features
 
 
-def test_compare_side_by_side(viewer, qtbot, mhim_pair, tmp_path):
+def test_compare_side_by_side(viewer, qtbot, mhim_pair, tmp_path, wait_for):
     import numpy as np
 
     from napari_mil._napari._compare_layers import MASK_NAMES, ground_truth
@@ -354,7 +353,7 @@ def test_retrain_takes_a_setup_from_the_state(viewer, tmp_path):
     assert retrain.train_config() == config
 
 
-def test_retrain_with_mhim_live_curves_and_maps(viewer, qtbot, small_cohort, tmp_path):
+def test_retrain_with_mhim_live_curves_and_maps(viewer, qtbot, small_cohort, tmp_path, wait_for, notifications):
     import csv as csv_module
 
     import numpy as np
@@ -362,7 +361,7 @@ def test_retrain_with_mhim_live_curves_and_maps(viewer, qtbot, small_cohort, tmp
     with open(small_cohort) as fh:
         first = next(csv_module.DictReader(fh))
     slide_dock = dock(viewer, "Slide & tissue")
-    viewer.open(small_cohort.parent / first["path"], plugin=PLUGIN)
+    viewer.open(small_cohort.parent / first["path"], plugin="napari-mil")
     wait_for(qtbot, slide_dock, slide_dock.detect())
     wait_for(qtbot, slide_dock, slide_dock.tile())
     features = dock(viewer, "Features")
@@ -417,7 +416,7 @@ def test_retrain_with_mhim_live_curves_and_maps(viewer, qtbot, small_cohort, tmp
     assert student.masked["low"].sum() == int(0.2 * len(student)) and np.isfinite(student.values).all()
 
 
-def test_retrain_gives_the_folds_and_test_predictions_of_the_cli(viewer, qtbot, small_cohort, tmp_path):
+def test_retrain_gives_the_folds_and_test_predictions_of_the_cli(viewer, qtbot, small_cohort, tmp_path, wait_for):
     """The same seed, the same patient-level folds and the same out-of-fold test predictions as
     ``napari-mil train`` on the same features."""
     import csv as csv_module
@@ -446,7 +445,7 @@ def test_retrain_gives_the_folds_and_test_predictions_of_the_cli(viewer, qtbot, 
         assert float(row["probability"]) == pytest.approx(float(cli[slide_id]["probability"]), abs=2e-6), slide_id
 
 
-def test_retrain_bad_cohorts_and_cancel(viewer, qtbot, small_cohort, tmp_path):
+def test_retrain_bad_cohorts_and_cancel(viewer, qtbot, small_cohort, tmp_path, wait_for):
     retrain = dock(viewer, "Retrain")
     assert retrain.train() is None and "choose a cohort CSV" in retrain.status.value
     rows = small_cohort.read_text().splitlines()
@@ -483,7 +482,7 @@ def _process_deletions():
     QApplication.processEvents()
 
 
-def test_closing_the_viewer_mid_extraction_stops_it_cleanly(viewer, qtbot, tiled, tmp_path):
+def test_closing_the_viewer_mid_extraction_stops_it_cleanly(viewer, qtbot, tiled, tmp_path, notifications):
     features = dock(viewer, "Features")
     features.workers.value = 0
     features.batch_size.value = 2
@@ -562,7 +561,7 @@ def test_after_runs_for_a_worker_that_already_finished(viewer, qtbot, tiled):
     assert isinstance(seen[1], ValueError) and "disk full" in str(seen[1])
 
 
-def test_gui_steps_take_one_event_loop_turn_each(viewer, qtbot, tiled):
+def test_gui_steps_take_one_event_loop_turn_each(viewer, qtbot, tiled, notifications):
     """Long GUI work (the comparison's twelve layers) runs a step per turn: the loop handles other
     events between steps, a worker's end waits for the steps its result started, and a failing step
     becomes a notification that drops the rest."""
@@ -595,3 +594,25 @@ def test_gui_steps_take_one_event_loop_turn_each(viewer, qtbot, tiled):
     tiled.close_dock()  # its viewer closed: what is left is dropped
     qtbot.wait(100)
     assert "never either" not in seen and not tiled.busy
+
+
+def test_retrain_dock_shows_transmil_sizes_only_for_transmil(make_napari_viewer, tmp_path):
+    from napari_mil._napari._retrain_widget import RetrainWidget
+
+    dock = RetrainWidget(make_napari_viewer())
+    hidden = lambda: [box.native.isHidden() for box in dock.transmil_fields.values()]  # noqa: E731
+    assert hidden() == [True] * 3 and dock.train_config().model_cfg == {}
+    dock.model_name.value = "transmil"
+    assert hidden() == [False] * 3
+    dock.transmil_fields["dim"].value, dock.transmil_fields["heads"].value = 64, 4
+    dock.transmil_fields["landmarks"].value = 32
+    assert dock.train_config().model_cfg == {"dim": 64, "heads": 4, "landmarks": 32}
+
+    dock.transmil_fields["heads"].value = 6  # 64 is no multiple of 6: refused before any work starts
+    (tmp_path / "a.tif").write_bytes(b"")
+    (tmp_path / "b.tif").write_bytes(b"")
+    (tmp_path / "cohort.csv").write_text("slide_id,label,path\na,0,a.tif\nb,1,b.tif\n")
+    dock.cohort.value = str(tmp_path / "cohort.csv")
+    assert dock.train() is None and "multiple of its heads" in dock.status.value
+    dock.model_name.value = "abmil"
+    assert hidden() == [True] * 3 and dock.train_config().model_cfg == {}
