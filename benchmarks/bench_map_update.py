@@ -91,7 +91,7 @@ def bench_model(name: str, viewer, docks, bag_path: Path, repeats: int) -> dict:
     torch.manual_seed(0)
     model = create_model(name, DIM, 2).eval()
     state = model_dock.state
-    state.model, state.model_meta, state.teacher = model, {"in_dim": DIM, "model": name, "n_classes": 2}, None
+    state.set_model(model, {"in_dim": DIM, "model": name, "n_classes": 2})  # no teacher: the Compare dock waits
     load, update = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()

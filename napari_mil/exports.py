@@ -261,3 +261,29 @@ def _check_slide(file_name: str, attrs: dict, amap: AttentionMap, slide) -> None
     if amap.coords.min() < 0 or x >= w or y >= h:
         raise NapariMilError(f"{file_name} has patches up to ({x}, {y}), outside {slide.name} ({w} x {h} px): it is "
                              "the attention of another slide; give that slide's file, or --force")
+
+
+PAIR_FORMATS = ("GeoJSON", "CSV", "PNG", "top-k")
+
+
+def export_pair(folder: str | Path, fmt: str, slide, maps: dict[str, AttentionMap], how: str = "minmax",
+                colormap: str = "inferno", k: int = 8, png_side: int = 2048) -> list[Path]:
+    """Maps of one slide over the same patches (a teacher and its student) written to ``folder``
+    as one of ``PAIR_FORMATS``: one GeoJSON or CSV holding every map, a PNG overlay per map
+    (``png_side`` pixels on the slide's longer side, one colour range for all) or each map's
+    top-``k`` patches. Files are named after the slide."""
+    from napari_mil.heatmaps import shared_limits
+
+    folder, stem = Path(folder), slide.name
+    if fmt == "GeoJSON":
+        return [export_geojson(folder / f"{stem}_teacher_student.geojson", maps)]
+    if fmt == "CSV":
+        return [export_csv(folder / f"{stem}_teacher_student.csv", maps)]
+    if fmt == "PNG":
+        limits = shared_limits(list(maps.values()), how)
+        ds = max(slide.dimensions) / png_side
+        return [export_overlay_png(folder / f"{stem}_{name}.png", amap, slide.dimensions, ds, how=how, limits=limits,
+                                   colormap=colormap) for name, amap in maps.items()]
+    if fmt == "top-k":
+        return [p for amap in maps.values() for p in export_top_k(folder / f"{stem}_top{k}", slide, amap, k)]
+    raise NapariMilError(f"unknown export format {fmt!r}: use one of {', '.join(PAIR_FORMATS)}")

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real CMU-1 slide, synthetic slides with known ground truth."""
+"""Fixtures shared by the core and GUI tests: the real CMU-1 slide, synthetic slides with known
+ground truth, a TIFF writer. GUI-only helpers are in gui/conftest.py."""
 
 import os
 
@@ -45,8 +46,14 @@ def blank_slide(tmp_path_factory):
                                 tumour_burden=0.0, tissue_pieces=0)
 
 
-def write_tiff(path, image, tile=None, resolution=None, unit=None, **kwargs):
-    """A small TIFF written with tifffile, for slides that OpenSlide or our fallback reads."""
+@pytest.fixture
+def write_tiff():
+    """``write_tiff(path, image, tile=None, resolution=None, unit=None, **kwargs)``: a small TIFF
+    written with tifffile, for slides that OpenSlide or the tifffile backend reads."""
+    return _write_tiff
+
+
+def _write_tiff(path, image, tile=None, resolution=None, unit=None, **kwargs):
     import tifffile
 
     extra = {}

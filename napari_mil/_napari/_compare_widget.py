@@ -1,9 +1,9 @@
 """The Compare dock: an MHIM-MIL teacher beside its hard-instance-masked student.
 
-The two maps sit in napari's grid mode, one viewbox each with one shared camera, so they pan
-and zoom together. Each panel holds the same six layers, bottom to top: the slide, the map,
-the ground truth's tumour outline (when the slide has one), and the random-high, low and random
-masks as patch outlines. Other layers are hidden while the comparison is shown and come back after.
+A form over three parts: ``_compare_layers`` (the two linked panels and their layers),
+``_gallery`` (the top-k patches) and ``napari_mil.exports`` (the files). It listens to the
+viewer's state: it shows every new teacher | student pair (the Retrain dock writes one after
+every epoch), and computes the pair of a new teacher and student, or of new features, itself.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -24,29 +23,18 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from napari_mil._napari._widgets import DockBase
+from napari_mil._napari._compare_layers import MASK_NAMES, PANELS, MapStyle, PairLayers, layer_names
+from napari_mil._napari._gallery import Gallery
+from napari_mil._napari._state import MapPair
+from napari_mil._napari._workers import DockBase
 from napari_mil.errors import NapariMilError
+from napari_mil.exports import PAIR_FORMATS
 from napari_mil.heatmaps import MASK_KINDS
 
 if TYPE_CHECKING:
     import napari
 
-PANELS = ("teacher", "student")
-MASK_COLOURS = {"high": "#ff2d95", "low": "#2f9bff", "random": "#c8c8c8"}
-TRUTH_COLOUR = "#39ff14"  # the tumour outline
-MASK_NAMES = {"high": "masked random-high", "low": "masked low", "random": "masked random"}
 NORM_LABELS = [("raw softmax", "raw"), ("min-max", "minmax"), ("percentile rank", "rank"), ("log (× uniform)", "log")]
-
-
-def ground_truth(slide):
-    """(tumour mask, downsample) of a synthetic slide, or None for slides without ground truth."""
-    from napari_mil.synthetic import SyntheticSlide
-
-    try:
-        info = SyntheticSlide.load(slide.path)
-        return info.tumour_mask(), info.mask_downsample
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
 
 
 class CompareWidget(DockBase):
@@ -70,35 +58,60 @@ class CompareWidget(DockBase):
         self.colour_bar = Label(value="")
         self.hover = Label(value="")
         self.k = SpinBox(label="Top k", value=6, min=1, max=32)
-        self.gallery = Container(layout="vertical", labels=False)
+        self.gallery = Gallery(self, self.go_to)
         self.export_folder = FileEdit(label="Export to", mode="d")
         export_row = Container(layout="horizontal", labels=False)
-        self.export_buttons = {fmt: PushButton(text=fmt) for fmt in ("GeoJSON", "CSV", "PNG", "top-k")}
+        self.export_buttons = {fmt: PushButton(text=fmt) for fmt in PAIR_FORMATS}
         export_row.extend(list(self.export_buttons.values()))
         self.status.value = "Needs a teacher and a student: train with MHIM-MIL (Retrain dock) or load an MHIM-MIL checkpoint."
         self.extend([self.preset, self.ratio_h, self.show_button, self.single_button, self.norm, self.colormap,
                      self.opacity, self.transmil_layer, self.transmil_head, *self.mask_toggles.values(),
                      self.colour_bar, self.hover, self.k, self.gallery, self.export_folder, export_row, self.status])
         self.hover.native.setWordWrap(True)
+        self.layers = PairLayers(napari_viewer)
         self.maps: dict = {}  # panel -> AttentionMap
         self._drawing: dict = {}  # the maps the GUI steps under way show
         self._announce = False  # whether the pair under way ends with a notification
-        self._hidden: list = []  # layers hidden while comparing
-        self._truth_of, self._truth = None, None  # the slide whose ground truth was read, and it
+        self._asked = 0  # the newest comparison asked for: older ones are dropped
         self.show_button.clicked.connect(self.compare)
         self.single_button.clicked.connect(self.single_view)
         self.norm.changed.connect(lambda _: self.restyle())
         self.colormap.changed.connect(lambda _: self.restyle())
-        self.opacity.changed.connect(self._set_opacity)
+        self.opacity.changed.connect(self.layers.set_opacity)
         self.transmil_layer.changed.connect(lambda _: self.maps and self.compare())
         self.transmil_head.changed.connect(lambda _: self.maps and self.compare())
         for kind, box in self.mask_toggles.items():
-            box.changed.connect(lambda on, kind=kind: self._toggle_mask(kind, on))
+            box.changed.connect(lambda on, kind=kind: self.layers.show_mask(kind, on))
         self.k.changed.connect(lambda _: self.build_gallery())
         for fmt, button in self.export_buttons.items():
             button.clicked.connect(lambda *_, fmt=fmt: self.export(fmt))
         self.viewer.mouse_move_callbacks.append(self._on_mouse_move)
         self.native.setMaximumWidth(460)
+        events = self.state.events
+        self.listen(events.pair, self._on_pair)
+        self.listen(events.model, self._on_model)
+        self.listen(events.features, self._on_features)
+        if self.state.pair is not None:  # opened after a pair was made: show it
+            self._on_pair(self.state.pair)
+        elif self._has_pair_inputs():
+            self.compare()
+
+    # ---- the state ---------------------------------------------------------------------------
+    def _has_pair_inputs(self) -> bool:
+        state = self.state
+        return all(x is not None for x in (state.slide, state.features, state.model, state.teacher))
+
+    def _on_pair(self, pair: MapPair | None) -> None:
+        if pair is not None and self.state.slide is not None:
+            self.show_pair((pair.teacher, pair.student), announce=pair.announce)
+
+    def _on_model(self, model) -> None:
+        if self._has_pair_inputs():
+            self.compare()
+
+    def _on_features(self, bag) -> None:
+        if self.maps and self._has_pair_inputs():  # the pair shown is of other features now
+            self.compare()
 
     # ---- computing the pair ----------------------------------------------------------------
     def mhim_config(self):
@@ -118,7 +131,8 @@ class CompareWidget(DockBase):
         return getattr(self.state.model, "CHOOSES_ATTENTION", False)
 
     def compare(self):
-        """Compute the teacher's and the student's maps in a worker, then show them side by side."""
+        """Compute the teacher's and the student's maps in a worker and put them in the state, which
+        shows them; a newer comparison asked for meanwhile replaces this one."""
         from napari.qt.threading import create_worker
 
         from napari_mil.usecases.prediction import teacher_student_maps
@@ -137,22 +151,31 @@ class CompareWidget(DockBase):
             return None
         head = None if self.transmil_head.value < 0 else int(self.transmil_head.value)
         bag = state.features
+        self._asked += 1
+        asked = self._asked
         self.status.value = f"scoring {len(bag)} patches with the teacher and the student..."
         worker = create_worker(teacher_student_maps, state.teacher, state.model, bag, cfg, None, 0,
                                attention_layer=self.transmil_layer.value, attention_head=head, _ignore_errors=True)
-        return self._start(worker, self.show_pair)
+        return self._start(worker, lambda maps: self._computed(asked, maps))
 
-    # ---- layers ------------------------------------------------------------------------------
+    def _computed(self, asked: int, maps) -> None:
+        if asked == self._asked:
+            self.state.pair = MapPair(*maps, announce=True)
+
+    # ---- showing it ------------------------------------------------------------------------------
     def layer_names(self, panel: str) -> list[str]:
-        return [f"{panel} | {part}" for part in ("slide", "attention", "ground truth", *MASK_NAMES.values())]
+        return layer_names(panel)
+
+    def style(self) -> MapStyle:
+        return MapStyle(self.norm.value, self.colormap.value, self.opacity.value,
+                        {kind: box.value for kind, box in self.mask_toggles.items()})
 
     def show_pair(self, maps, announce: bool = True) -> None:
         """Put the two maps in two linked panels (napari's grid mode), creating the layers the first
         time and updating them in place after. The work is spread over event-loop turns: a turn for
-        each layer created (napari takes 0.1-0.4 s to create one under software OpenGL), a turn for
-        each panel updated, so the viewer stays responsive while the panels fill in; a pair that arrives
-        meanwhile (the Retrain dock sends one every epoch) is shown once these turns end.
-        ``announce=False`` (the Retrain dock's refreshes) updates the status line without a notification."""
+        each layer created, a turn for each panel updated, so the viewer stays responsive while the
+        panels fill in; a pair that arrives meanwhile (one every epoch while a model trains) is shown
+        once these turns end. ``announce=False`` updates the status line without a notification."""
         teacher, student = maps
         self.maps = {"teacher": teacher, "student": student}
         if self.stepping:
@@ -163,45 +186,23 @@ class CompareWidget(DockBase):
 
     def _pair_steps(self) -> list:
         """The GUI steps that show ``self.maps``: the grid and each missing layer, a step each; then
-        each panel's layers updated in place, a step a panel; then the colours and the summary."""
+        each panel's layers updated in place, a step a panel; then the colours and the summary.
+        Each step reads the newest maps when it runs."""
         self._drawing = self.maps
-        layers = self.viewer.layers
-        missing = [(panel, part) for panel in PANELS for part, name in enumerate(self.layer_names(panel))
-                   if name not in layers]
+        missing = self.layers.missing()
         if missing:
             self.status.value = "drawing teacher | student..."
-        creating = [self._enter_grid, *(lambda p=panel, k=part: self._put_layer(p, k) for panel, part in missing)]
-        return [*(creating if missing else []), *(lambda p=panel: self._update_panel(p) for panel in PANELS),
-                self._pair_shown]
-
-    def _update_panel(self, panel: str) -> None:
-        self._enter_grid()
-        for part in range(1, len(self.layer_names(panel))):  # the slide layer stays as it is
-            self._put_layer(panel, part)
-
-    def _enter_grid(self) -> None:
-        """Hide the other layers (they come back with "Back to one view") and switch to the grid."""
-        viewer = self.viewer
-        ours = {name for panel in PANELS for name in self.layer_names(panel)}
-        if not self._hidden:
-            self._hidden = [layer for layer in viewer.layers if layer.name not in ours and layer.visible]
-        for layer in self._hidden:
-            if layer.visible:
-                layer.visible = False
-        grid = viewer.canvas.grid
-        stride = len(self.layer_names("teacher"))
-        if not (grid.enabled and grid.stride == stride and tuple(grid.shape) == (1, 2)):
-            grid.stride = stride
-            grid.shape = (1, 2)
-            grid.enabled = True
+        creating = [self.layers.enter_grid,
+                    *(lambda p=panel, k=part: self.layers.put(p, k, self.state.slide, self.maps[p], self.style())
+                      for panel, part in missing)]
+        updating = [lambda p=panel: self.layers.update_panel(p, self.state.slide, self.maps[p], self.style())
+                    for panel in PANELS]
+        return [*(creating if missing else []), *updating, self._pair_shown]
 
     def _pair_shown(self) -> None:
         """The last step: colours, layer order, gallery, the summary; and the newest pair if one came meanwhile."""
-        viewer = self.viewer
         self.restyle()
-        order = [viewer.layers.index(name) for panel in PANELS for name in self.layer_names(panel)]
-        if order != list(range(len(order))):
-            viewer.layers.move_multiple(order, 0)
+        self.layers.order()
         self.build_gallery()
         self.single_button.enabled = True
         student = self.maps["student"]
@@ -216,104 +217,13 @@ class CompareWidget(DockBase):
         if self.maps is not self._drawing:
             self._in_turns(self._pair_steps())
 
-    def _put_layer(self, panel: str, part: int) -> None:
-        """Create or update one layer of a panel: 0 the slide, 1 the map, 2 the ground truth, 3-5 the masks."""
-        from napari_mil._napari._layers import slide_layer_data
-
-        name, amap = self.layer_names(panel)[part], self.maps[panel]
-        if part == 0:
-            if name not in self.viewer.layers:
-                from napari.layers import Image
-
-                data, kwargs, _ = slide_layer_data(self.state.slide)
-                kwargs["name"] = name
-                self._insert(panel, part, Image(data, **kwargs))
-        elif part == 1:
-            self._put_map(panel, name, amap)
-        elif part == 2:
-            self._put_truth(panel, name)
-        else:
-            self._put_mask(panel, name, amap, MASK_KINDS[part - 3])
-
-    def _insert(self, panel: str, part: int, layer) -> None:
-        """Insert a new layer at its place in the grid (its panel, its depth)."""
-        layers = self.viewer.layers
-        layers.insert(min(PANELS.index(panel) * len(self.layer_names(panel)) + part, len(layers)), layer)
-
-    def _put_map(self, panel: str, name: str, amap) -> None:
-        from napari_mil._napari._layers import map_layer, map_placement, set_changed
-
-        if name in self.viewer.layers:  # restyle() sets its data
-            set_changed(self.viewer.layers[name], **map_placement(self.state.slide, amap))
-            self.viewer.layers[name].metadata["napari_mil_map"] = amap
-            return
-        layer = map_layer(name, self.state.slide, amap, self.norm.value, colormap=self.colormap.value,
-                          opacity=self.opacity.value)
-        self._insert(panel, 1, layer)
-
-    def _ground_truth(self):
-        """The open slide's ground truth, read once per slide (the maps refresh every epoch)."""
-        path = self.state.slide.path
-        if self._truth_of != path:
-            self._truth_of, self._truth = path, ground_truth(self.state.slide)
-        return self._truth
-
-    def _put_truth(self, panel: str, name: str) -> None:
-        """The tumour outline, one pixel of the ground-truth mask wide, hidden for slides without one."""
-        from napari_mil._napari._layers import frame_layer, outline, set_changed, world_per_pixel
-
-        path = self.state.slide.path
-        if name in self.viewer.layers and self.viewer.layers[name].metadata.get("napari_mil_truth_of") == path:
-            return  # already this slide's
-        truth = self._ground_truth()
-        s = world_per_pixel(self.state.slide)
-        mask, ds = truth if truth is not None else (np.zeros((1, 1), bool), 1)
-        kwargs = {"scale": (ds * s, ds * s), "translate": ((ds - 1) / 2 * s,) * 2}
-        if name in self.viewer.layers:
-            layer = self.viewer.layers[name]
-            layer.data = outline(mask)
-            set_changed(layer, **kwargs)
-        else:
-            layer = frame_layer(outline(mask), name, TRUTH_COLOUR, **kwargs)
-            self._insert(panel, 2, layer)
-        layer.visible = truth is not None
-        layer.metadata["napari_mil_truth_of"] = path
-
-    def _put_mask(self, panel: str, name: str, amap, kind: str) -> None:
-        """The patches ``kind`` masked, as coloured frames: one image per mask, updated in place."""
-        from napari_mil._napari._layers import frame_layer, map_placement, set_changed
-        from napari_mil.heatmaps import OUTLINE_CELL
-
-        data = amap.mask_outlines(kind)
-        placement = map_placement(self.state.slide, amap, upsample=OUTLINE_CELL)
-        if name in self.viewer.layers:
-            layer = self.viewer.layers[name]
-            if not np.array_equal(layer.data, data):  # a data change costs napari ~20 ms a layer
-                layer.data = data
-            set_changed(layer, **placement)
-        else:
-            layer = frame_layer(data, name, MASK_COLOURS[kind], visible=self.mask_toggles[kind].value, **placement)
-            self._insert(panel, 3 + MASK_KINDS.index(kind), layer)
-
     def restyle(self) -> None:
         """Apply the normalisation and colour map to both maps with one shared colour bar."""
-        from napari_mil._napari._layers import set_changed
-        from napari_mil.heatmaps import shared_limits
-
-        if not self.maps:
-            return
-        how = self.norm.value
-        limits = shared_limits(list(self.maps.values()), how)
-        for panel, amap in self.maps.items():
-            name = self.layer_names(panel)[1]
-            if name in self.viewer.layers:
-                layer = self.viewer.layers[name]
-                layer.data = amap.image(how)
-                set_changed(layer, contrast_limits=limits, colormap=self.colormap.value)
-                layer.metadata["napari_mil_norm"] = how
-        self._draw_colour_bar(limits)
+        if self.maps:
+            self._draw_colour_bar(self.layers.restyle(self.maps, self.style()))
 
     def _draw_colour_bar(self, limits) -> None:
+        import numpy as np
         from qtpy.QtGui import QImage, QPixmap
 
         from napari_mil.exports import colormap_lut
@@ -325,31 +235,12 @@ class CompareWidget(DockBase):
         label.setToolTip(f"{limits[0]:.3g} … {limits[1]:.3g}")
         self.colour_bar.label = f"{limits[0]:.3g} … {limits[1]:.3g}"
 
-    def _set_opacity(self, value: float) -> None:
-        for panel in PANELS:
-            name = self.layer_names(panel)[1]
-            if name in self.viewer.layers:
-                self.viewer.layers[name].opacity = value
-
-    def _toggle_mask(self, kind: str, on: bool) -> None:
-        for panel in PANELS:
-            name = f"{panel} | {MASK_NAMES[kind]}"
-            if name in self.viewer.layers:
-                self.viewer.layers[name].visible = on
-
     def single_view(self) -> None:
         """Leave the comparison: its layers go, the hidden ones come back."""
         self._steps.clear()  # a comparison still being built stops there
-        self.viewer.canvas.grid.enabled = False
-        for panel in PANELS:
-            for name in self.layer_names(panel):
-                if name in self.viewer.layers:
-                    self.viewer.layers.remove(name)
-        for layer in self._hidden:
-            if layer in self.viewer.layers:
-                layer.visible = True
-        self._hidden, self.maps = [], {}
-        self.gallery.clear()
+        self.layers.leave()
+        self.maps = {}
+        self.gallery.reset()
         self.single_button.enabled = False
 
     # ---- hover and gallery ---------------------------------------------------------------------
@@ -385,31 +276,11 @@ class CompareWidget(DockBase):
         self.hover.value = self.describe(y, x)
 
     def build_gallery(self) -> None:
-        """The top-k patches of each map as buttons; a click centres both views on the patch."""
-        from qtpy.QtCore import QSize
-        from qtpy.QtGui import QIcon, QImage, QPixmap
-
-        self.gallery.clear()
+        """The top-k patches of each map as buttons, read in a worker; a click centres both views on the patch."""
         if not self.maps or self.state.slide is None:
+            self.gallery.reset()
             return
-        slide = self.state.slide
-        for panel, amap in self.maps.items():
-            row = Container(layout="horizontal", labels=False, label=panel)
-            row.append(Label(value=f"{panel} top {self.k.value}"))
-            size0 = amap.patch_size_level0
-            level = slide.best_level_for_downsample(size0 / 64)
-            side = max(1, round(size0 / slide.level_downsamples[level]))
-            for i in amap.top_k(self.k.value):
-                x, y = (int(v) for v in amap.coords[i])
-                patch = np.ascontiguousarray(slide.read_region((x, y), level, (side, side))[..., :3])
-                image = QImage(patch.data, side, side, patch.strides[0], QImage.Format.Format_RGB888).copy()
-                button = PushButton(text="")
-                button.native.setIcon(QIcon(QPixmap.fromImage(image)))
-                button.native.setIconSize(QSize(48, 48))
-                button.native.setToolTip(f"{panel}: attention {amap.values[i]:.2e} at ({x}, {y})")
-                button.clicked.connect(lambda *_, i=i, amap=amap: self.go_to(amap, i))
-                row.append(button)
-            self.gallery.append(row)
+        self.gallery.request(self.state.slide, self.maps, self.k.value)
 
     def go_to(self, amap, index: int) -> None:
         """Centre the (linked) views on a patch, zoomed so that it fills about a quarter of the view."""
@@ -426,7 +297,7 @@ class CompareWidget(DockBase):
     # ---- exports ----------------------------------------------------------------------------------
     def export(self, fmt: str):
         """Write the pair as QuPath GeoJSON, CSV, PNG overlays or top-k patches to the export folder."""
-        from napari_mil import exports
+        from napari_mil.exports import export_pair
 
         folder = Path(self.export_folder.value)
         if not self.maps:
@@ -435,24 +306,9 @@ class CompareWidget(DockBase):
         if not str(self.export_folder.value) or folder == Path("."):
             self._say("choose an export folder first", error=True)
             return []
-        slide = self.state.slide
-        stem = slide.name
         try:
-            if fmt == "GeoJSON":
-                written = [exports.export_geojson(folder / f"{stem}_teacher_student.geojson", self.maps)]
-            elif fmt == "CSV":
-                written = [exports.export_csv(folder / f"{stem}_teacher_student.csv", self.maps)]
-            elif fmt == "PNG":
-                from napari_mil.heatmaps import shared_limits
-
-                limits = shared_limits(list(self.maps.values()), self.norm.value)
-                ds = max(slide.dimensions) / 2048
-                written = [exports.export_overlay_png(folder / f"{stem}_{panel}.png", amap, slide.dimensions, ds,
-                                                      how=self.norm.value, limits=limits, colormap=self.colormap.value)
-                           for panel, amap in self.maps.items()]
-            else:
-                written = [p for amap in self.maps.values()
-                           for p in exports.export_top_k(folder / f"{stem}_top{self.k.value}", slide, amap, self.k.value)]
+            written = export_pair(folder, fmt, self.state.slide, self.maps, self.norm.value, self.colormap.value,
+                                  self.k.value)
         except (NapariMilError, OSError) as exc:
             self._say(f"export failed: {exc}", error=True)
             return []

@@ -3,17 +3,18 @@
 It opens a held-out semi-real slide (``napari_mil.synthetic.semireal``: real H&E texture of the CMU-1
 slide, a nuclear-atypia lesion whose extent is known, stain variation and mimics), detects
 tissue, tiles it and extracts its features, while a small labelled semi-real cohort is
-generated (cached after the first run). It then trains an MHIM-MIL ABMIL on the cohort in the
-Retrain dock with its defaults (a plain baseline first, the teacher starts from it), with live
-curves, and shows the ground-truth lesion, the teacher and the student side by side, refreshed
-after every epoch of the MHIM-MIL phase. At the end it gives the held-out slide's probability
-and how well each attention map finds the lesion (localisation AUC). With ``slide="cmu1"`` the
-real CMU-1 slide (no label, no ground truth) takes the held-out slide's place: the same flow,
-with inference and maps only.
+generated (cached after the first run). It then puts its training setup (the cohort with one
+train/val/test split, the recipe) in the viewer's state, which the Retrain dock's form takes on,
+and presses Train: an MHIM-MIL ABMIL (a plain baseline first, the teacher starts from it), with
+live curves, while the Compare dock shows the ground-truth lesion, the teacher and the student
+side by side, refreshed after every epoch of the MHIM-MIL phase. At the end it gives the
+held-out slide's probability and how well each attention map finds the lesion (localisation
+AUC). With ``slide="cmu1"`` the real CMU-1 slide (no label, no ground truth) takes the held-out
+slide's place: the same flow, with inference and maps only.
 
 Every step is a dock action in a thread worker, chained on the GUI thread, so the viewer stays
 responsive. With ``headless=OUT`` it runs the same steps, writes screenshots, the exports and
-``summary.json`` (timings, validation AUC, the held-out slide's figures) to OUT, and exits.
+``summary.json`` (timings, validation and test AUC, the held-out slide's figures) to OUT, and exits.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from napari_mil.atomic import write_json
 # Semi-real slides (napari_mil.synthetic.semireal) at 0.5 µm/px, 256 px patches at 20x. The cohort: 24
 # slides of 5120x3840 (bags of about 50-110 patches), half with a lesion on 5-30% of the tissue,
 # a little easier than the default difficulty (0.5) so that a couple of minutes of CPU teach
-# the models where the lesions are on every cohort seed tried; written in about 20 s on 2 cores.
+# the models where the lesions are on every cohort seed tried.
 DEMO_COHORT = {"n_slides": 24, "seed": 5, "width": 5120, "height": 3840, "difficulty": 0.4,
                "burden_range": (0.05, 0.3)}
-# The held-out slide: a lesion on 12% of its tissue (about 17 of its ~170 patches), written in ~2 s.
+# The held-out slide: a lesion on 12% of its tissue (about 17 of its ~170 patches).
 DEMO_SLIDE = {"width": 7168, "height": 5632, "seed": 4242, "lesion_burden": 0.12, "difficulty": 0.4,
               "tissue_pieces": 2}
 # The official recipes are tuned for bags of thousands of patches: their 1-3% random-high share
@@ -48,6 +49,14 @@ DEMO_RECIPE = {"mask_ratio": 0.3, "mask_ratio_l": 0.1, "mask_ratio_h": 0.1, "mas
 # dock's, which are TrainConfig's defaults.
 DEMO_EPOCHS = 15
 LESION_COVER = 0.5  # a patch counts as lesion when the ground truth covers at least half of it
+
+
+def demo_train_config(epochs: int = DEMO_EPOCHS):
+    """The demo's training: MHIM-MIL ABMIL with ``DEMO_RECIPE``; the rest TrainConfig's defaults."""
+    from napari_mil.training.mhim import MHIMConfig
+    from napari_mil.training.trainer import TrainConfig
+
+    return TrainConfig(epochs=epochs, mhim=MHIMConfig(**DEMO_RECIPE))
 
 
 def demo_folder() -> Path:
@@ -69,7 +78,8 @@ def demo_slide_path() -> Path:
 
 
 def demo_cohort() -> Path:
-    """The labelled training cohort (labels.csv with slide paths), written once.
+    """The labelled training cohort, written once: labels.csv with slide paths, and beside it
+    labels_split.csv, the same with the split the demo trains (see ``split_cohort``).
 
     It is written in a separate process: it runs beside the viewer's own slide reading on
     another core, and its JPEG encoder never shares a process with OpenSlide's decoder (with
@@ -86,7 +96,27 @@ def demo_cohort() -> Path:
         workers = min(4, max(1, (os.cpu_count() or 2) - 1))
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             pool.apply(make_semireal_cohort, (folder,), {**DEMO_COHORT, "workers": workers})
-    return csv_path
+    return split_cohort(csv_path)
+
+
+def split_cohort(csv_path: Path, k: int = 5, seed: int = 0) -> Path:
+    """``labels_split.csv`` beside ``csv_path``: its rows with a split column, the first of the
+    ``k`` patient-level folds ``napari-mil train`` makes with ``seed`` (train, val and test). The
+    Retrain dock trains a CSV's own split once, where it would train all ``k`` folds of a CSV
+    without one: the demo trains one model, and still reports a held-out test AUC."""
+    import csv
+
+    from napari_mil.atomic import write_csv
+    from napari_mil.training.data import label_columns, patient_folds, read_labels
+
+    records = read_labels(csv_path)
+    fold = patient_folds(records, k, seed)[0]  # folds by patient and label: records serve as bags
+    split_of = {records[i].slide_id: name for name, index in fold.items() for i in index}
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        column = label_columns(reader.fieldnames or [], csv_path.name)["slide_id"]
+        rows = [{**row, "split": split_of[row[column].strip()]} for row in reader]
+    return write_csv(csv_path.with_name("labels_split.csv"), rows)
 
 
 def slide_figures(state, threshold: float | None = None) -> dict:
@@ -95,7 +125,7 @@ def slide_figures(state, threshold: float | None = None) -> dict:
     model's attention over the whole bag (unmasked) against the patches at least half lesion."""
     import numpy as np
 
-    from napari_mil._napari._compare_widget import ground_truth
+    from napari_mil._napari._compare_layers import ground_truth
     from napari_mil.tiling import tissue_fractions
     from napari_mil.tissue import TissueMask
     from napari_mil.training.metrics import roc_auc
@@ -130,7 +160,7 @@ class TeachingDemo:
     """The demo's steps, each started when the previous one's worker has finished."""
 
     def __init__(self, viewer, slide: str = "synthetic", epochs: int = DEMO_EPOCHS, snapshots: Path | None = None):
-        from napari_mil._napari._retrain_widget import spare_pool_threads
+        from napari_mil._napari._workers import spare_pool_threads
 
         self.viewer, self.slide, self.epochs, self.snapshots = viewer, slide, epochs, snapshots
         spare_pool_threads()  # the demo runs workers of several docks at once
@@ -139,6 +169,7 @@ class TeachingDemo:
         self.t0 = time.perf_counter()
         self.timings: dict[str, float] = {}
         self.cohort_csv: Path | None = None
+        self.train_config = demo_train_config(epochs)
         self.figures: dict = {}  # the held-out slide's figures at the end
         self.features_ready = False
         self.done = False
@@ -164,7 +195,7 @@ class TeachingDemo:
         from qtpy.QtCore import QTimer
 
         # The cohort is awaited in a thread of its own, not in a napari worker, which would hold
-        # a thread of Qt's global pool for the ~20 s it takes (see spare_pool_threads).
+        # a thread of Qt's global pool for as long as it takes (see spare_pool_threads).
         executor = ThreadPoolExecutor(1, thread_name_prefix="napari-mil-demo-cohort")
         self._cohort_future = executor.submit(demo_cohort)
         executor.shutdown(wait=False)
@@ -219,27 +250,22 @@ class TeachingDemo:
         self._train_when_ready()
 
     def _train_when_ready(self) -> None:
+        from napari_mil._napari._state import TrainingSetup
+
         if not (self.features_ready and self.cohort_csv) or self.done:
             return
         retrain = self.docks["Retrain"]
-        retrain.cohort.value = str(self.cohort_csv)
-        retrain.checkpoint_dir.value = str(demo_folder() / "models")
-        retrain.preset.value = "custom"
-        for field, value in DEMO_RECIPE.items():
-            box = retrain.mhim_fields.get(field) or getattr(retrain, field)
-            box.value = value
-        retrain.epochs.value = self.epochs  # the learning rate, teacher and the rest: the dock's defaults
+        retrain.state.training = TrainingSetup(self.cohort_csv, demo_folder() / "models", self.train_config)
         retrain.native.parent().raise_()  # bring its tab (the live curves) to the front
         self._then(retrain, retrain.train(), self._trained)
 
     def _trained(self) -> None:
+        """The Compare dock computes the trained teacher and student's pair on its own (it listens to
+        the state): wait for it."""
         self.mark("trained_s")
         compare = self.docks["Compare teacher | student"]
         compare.native.parent().raise_()
-        if compare.busy:  # the Retrain dock has started comparing its best epoch's pair: wait for it
-            self._when_idle(compare, self._finish)
-        else:
-            self._then(compare, compare.compare(), self._finish)
+        self._when_idle(compare, self._finish)
 
     def _when_idle(self, dock, step) -> None:
         """Run ``step`` once ``dock`` has no worker running and no GUI steps left."""
@@ -258,8 +284,9 @@ class TeachingDemo:
         self.mark("total_s")
         self.viewer.reset_view()
         retrain = self.docks["Retrain"]
+        meta = retrain.state.model_meta
         try:
-            self.figures = slide_figures(retrain.state, retrain.result.threshold if retrain.result else None)
+            self.figures = slide_figures(retrain.state, meta.get("threshold") if meta else None)
         except Exception as exc:  # noqa: BLE001  the figures are a summary: never stop the demo for them
             self.figures = {"error": str(exc)}
         words = [f"{name} p={f['probability']:.2f}" + (f", lesion localisation AUC {f['localisation_auc']:.2f}"
@@ -280,21 +307,31 @@ class TeachingDemo:
         Image.fromarray(np.asarray(shot)).save(out / "screenshot.png")
         canvas = self.viewer.screenshot(canvas_only=True, flash=False)
         Image.fromarray(np.asarray(canvas)).save(out / "teacher_student.png")
-        compare, retrain = self.docks["Compare teacher | student"], self.docks["Retrain"]
+        retrain = self.docks["Retrain"]
         retrain.native.grab().save(str(out / "retrain_curves.png"))
-        compare.export_folder.value = str(out / "exports")
-        for fmt in ("GeoJSON", "CSV", "PNG"):
-            compare.export(fmt)
-        result = retrain.result
+        state = retrain.state
+        if state.pair is not None and state.slide is not None:  # the pair the Compare dock shows
+            from napari_mil.exports import export_pair
+
+            maps = {"teacher": state.pair.teacher, "student": state.pair.student}
+            for fmt in ("GeoJSON", "CSV", "PNG"):
+                export_pair(out / "exports", fmt, state.slide, maps)
+        cv = retrain.result
+        result = retrain.viewed.result if retrain.viewed is not None else None
+        cfg = self.train_config
+        test_auc = cv.summary.get("pooled_test_auc") if cv is not None else None
         summary = {
-            "slide": str(compare.state.slide.path) if compare.state.slide else None,
-            "patches": len(compare.state.features) if compare.state.features is not None else 0,
+            "slide": str(state.slide.path) if state.slide else None,
+            "patches": len(state.features) if state.features is not None else 0,
             "cohort": str(self.cohort_csv), "recipe": DEMO_RECIPE, "epochs": self.epochs,
-            "lr": float(retrain.lr.value), "teacher": retrain.teacher.value,
+            "lr": cfg.lr, "teacher": cfg.teacher,
             "best_epoch": result.best_epoch if result else None,
             "validation_auc": round(float(result.val_metrics["auc"]), 3) if result else None,
             "baseline_validation_auc": round(float(result.baseline.val_metrics["auc"]), 3)
             if result and result.baseline else None,
+            "test_auc": round(float(test_auc), 3) if test_auc is not None else None,
+            "test_auc_95ci": [round(float(v), 3) for v in cv.summary["pooled_test_auc_95ci"]]
+            if test_auc is not None else None,
             "warnings": [*(result.baseline.warnings if result and result.baseline else []),
                          *(result.warnings if result else [])],
             "held_out": self.figures,

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 from magicgui.widgets import ComboBox, FileEdit, Label, ProgressBar, PushButton, SpinBox
 
-from napari_mil._napari._widgets import DockBase, set_progress
+from napari_mil._napari._workers import DockBase, set_progress
 from napari_mil.devices import available_devices
-from napari_mil.errors import NapariMilError
+from napari_mil.errors import ExtractionCancelled, NapariMilError
 from napari_mil.paths import default_feature_root
 
 if TYPE_CHECKING:
@@ -59,20 +59,29 @@ class FeaturesWidget(DockBase):
         self.progress.max, self.progress.value = len(state.grid), 0
         self.extract_button.enabled, self.cancel_button.enabled = False, True
         self.status.value = f"extracting {len(state.grid)} patches of {state.slide.name} with {self.encoder.value}..."
-        worker = create_worker(self._run, state.slide.path, state.grid, self.encoder.value, self.device.value,
-                               int(self.batch_size.value), int(self.workers.value), Path(self.out.value),
-                               state.slide.mpp, _ignore_errors=True)
+        worker = create_worker(self._run, state.slide.path, state.slide.name, state.grid, self.encoder.value,
+                               self.device.value, int(self.batch_size.value), int(self.workers.value),
+                               Path(self.out.value), state.slide.mpp, _ignore_errors=True)
         return self._start(worker, self._done, on_update=self._on_progress, on_finished=self._idle)
 
-    def _run(self, slide_path, grid, encoder_name, device, batch_size, workers, out, mpp):
-        """Generator run by the worker: yields progress, returns the ExtractionResult."""
+    def _run(self, slide_path, name, grid, encoder_name, device, batch_size, workers, out, mpp):
+        """Generator run by the worker: yields progress, returns the ExtractionResult.
+
+        The features come from ``slide_to_bag``, as for ``napari-mil extract``: the grid (tiled
+        from the mask as edited in the Slide & tissue dock) is written where that use case finds
+        a slide's grid, ``out``/patches/``name``.h5, and is used from there."""
         from napari_mil.encoders import create_encoder
-        from napari_mil.features.extract import extract_features
+        from napari_mil.usecases.slide_to_bag import slide_to_bag
 
         encoder = create_encoder(encoder_name, device=device)
-        result = yield from self._reports(lambda report: extract_features(
-            slide_path, grid, encoder, out, batch_size=batch_size, num_workers=workers, mpp=mpp, progress=report,
-            cancel=self._cancel.is_set))
+        grid.save(Path(out) / "patches" / f"{name}.h5")
+        try:
+            result = yield from self._reports(lambda report: slide_to_bag(
+                slide_path, encoder, out, mpp=mpp, batch_size=batch_size, num_workers=workers, progress=report,
+                cancel=self._cancel.is_set))
+        except ExtractionCancelled as exc:
+            message = str(exc)
+            raise ExtractionCancelled(message if "cancel" in message else f"extraction cancelled: {message}") from None
         return replace(result, bag=result.bag.widened())  # the open slide's bag is run many times
 
     def _on_progress(self, update) -> None:

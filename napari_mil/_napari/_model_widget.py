@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from magicgui.widgets import ComboBox, FileEdit, Label, PushButton
 
-from napari_mil._napari._widgets import DockBase
+from napari_mil._napari._workers import DockBase
 from napari_mil.errors import NapariMilError
 
 if TYPE_CHECKING:
@@ -55,11 +55,10 @@ class ModelWidget(DockBase):
         return self._start(worker, lambda result: self._loaded(path, *result))
 
     def _loaded(self, path: Path, model, meta, teacher) -> None:
-        self.state.model, self.state.model_meta, self.state.teacher = model, meta, teacher
-        if "mhim" in (meta.get("train_config") or {}) and meta["train_config"]["mhim"]:
-            from napari_mil.training.mhim import MHIMConfig
+        from napari_mil.training.mhim import MHIMConfig
 
-            self.state.mhim = MHIMConfig(**meta["train_config"]["mhim"])
+        mhim = (meta.get("train_config") or {}).get("mhim")  # the masking it was trained with, if any
+        self.state.set_model(model, meta, teacher, MHIMConfig(**mhim) if mhim else None)
         self.model_name.value = meta["model"]
         source = meta.get("layout", "napari-mil")
         extra = " and its MHIM-MIL teacher" if teacher is not None else ""

@@ -14,9 +14,9 @@ SYNTHETIC_SAMPLE = dict(width=10240, height=7680, mpp=0.5, seed=7, tumour_burden
 
 def synthetic_sample_path() -> Path:
     """Generate the sample synthetic slide once (cached by its parameters) and return its path."""
-    from napari_mil.synthetic import make_synthetic_slide
-
     import hashlib
+
+    from napari_mil.synthetic import make_synthetic_slide
 
     key = "_".join(f"{k}{v}" for k, v in sorted(SYNTHETIC_SAMPLE.items()))
     path = cache_dir() / "samples" / f"synthetic_{hashlib.sha1(key.encode()).hexdigest()[:10]}.tif"

@@ -1,12 +1,50 @@
-"""One evented state per viewer, shared by the docks: the output of one is the input of the next."""
+"""One evented state per viewer, shared by the docks: the output of one is the input of the next.
+
+Docks write the state and listen to it; none calls another. Every field emits
+``state.events.<field>`` when it is given a new value; the state is written on the GUI thread
+only, so listeners run there. What listens:
+
+- ``pair``: the Compare dock shows each new teacher | student pair (the Retrain dock writes one
+  after every epoch, the Compare dock one for each comparison it computes).
+- ``model``: a new model, written last by ``set_model`` so that ``model_meta``, ``teacher`` and
+  ``mhim`` already belong to it (and ``pair``, of the previous model, is None); the Compare dock
+  computes the pair of a new teacher and student.
+- ``features``: a new bag for the open slide; the Compare dock recomputes the pair it shows.
+- ``training``: a training setup (cohort, checkpoint folder, configuration) that the Retrain
+  dock's form takes on; the teaching demo writes it.
+"""
 
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from psygnal import evented
+
+
+@dataclass(frozen=True, eq=False)
+class MapPair:
+    """A teacher's and a student's attention maps of the open slide (heatmaps.AttentionMap).
+    ``announce``: whether showing it deserves a notification (not for the refresh after every
+    epoch). Compared by identity: every new pair is news."""
+
+    teacher: Any
+    student: Any
+    announce: bool = True
+
+
+@dataclass(frozen=True, eq=False)
+class TrainingSetup:
+    """What the Retrain dock trains: a cohort CSV, where the checkpoints and results go, a
+    TrainConfig (its fields the dock does not show are kept as given) and the number of folds
+    for a CSV without a split column (None: the dock's)."""
+
+    cohort: Path
+    checkpoint_dir: Path
+    config: Any  # napari_mil.training.trainer.TrainConfig
+    folds: int | None = None
 
 
 @evented
@@ -23,6 +61,15 @@ class ViewerState:
     teacher: Any = None  # MHIM-MIL's teacher for the Compare dock, when there is one
     mhim: Any = None  # the MHIMConfig the teacher masks with
     attention: Any = None  # napari_mil.heatmaps.AttentionMap of the last inference
+    pair: MapPair | None = None  # the newest teacher | student maps of the open slide
+    training: TrainingSetup | None = None  # a setup for the Retrain dock's form
+
+    def set_model(self, model, meta: dict, teacher=None, mhim=None) -> None:
+        """A new model with its metadata, teacher and MHIM-MIL configuration. The pair of maps of
+        the previous model goes; ``model`` is set last: its event comes once the rest belongs to it."""
+        self.pair = None
+        self.model_meta, self.teacher, self.mhim = meta, teacher, mhim
+        self.model = model
 
 
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -33,18 +80,3 @@ def state_for(viewer) -> ViewerState:
     if viewer not in _STATES:
         _STATES[viewer] = ViewerState()
     return _STATES[viewer]
-
-
-_DOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def register_dock(viewer, dock) -> None:
-    """Remember a viewer's dock by its class, so one dock can reach another (Retrain -> Compare)."""
-    _DOCKS.setdefault(viewer, {})[type(dock)] = weakref.ref(dock)
-
-
-def find_dock(viewer, cls):
-    """The viewer's open dock of this class, or None (never one the user has closed)."""
-    ref = _DOCKS.get(viewer, {}).get(cls)
-    dock = ref() if ref is not None else None
-    return None if dock is None or getattr(dock, "closed", False) else dock

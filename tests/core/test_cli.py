@@ -7,7 +7,6 @@ import sys
 
 import h5py
 import pytest
-from conftest import write_tiff
 
 from napari_mil.cli import main
 
@@ -57,7 +56,7 @@ def test_not_a_slide_is_a_one_line_error_and_others_still_run(cmu1_path, tmp_pat
     assert [bool(r["error"]) for r in summary] == [True, False]
 
 
-def test_missing_mpp_asks_for_the_option(tmp_path, rgb_image):
+def test_missing_mpp_asks_for_the_option(tmp_path, rgb_image, write_tiff):
     path = write_tiff(tmp_path / "nompp.tif", rgb_image, tile=(256, 256))
     result = run_cli("tile", path, "--out", tmp_path / "out")
     assert result.returncode == 1 and "--mpp" in result.stderr

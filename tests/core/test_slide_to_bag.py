@@ -87,9 +87,7 @@ def test_nonsense_settings_are_refused_clearly(options, message):
         GridSettings(**options)
 
 
-def test_the_slides_mpp_comes_before_the_settings(tmp_path, rgb_image):
-    from conftest import write_tiff
-
+def test_the_slides_mpp_comes_before_the_settings(tmp_path, rgb_image, write_tiff):
     path = write_tiff(tmp_path / "nompp.tif", rgb_image, tile=(256, 256))
     with pytest.raises(NapariMilError, match="mpp"):
         tile_slide(path, tmp_path / "a", GridSettings(patch_size=64, preset="biopsy"))

@@ -2,11 +2,8 @@
 
 import numpy as np
 import pytest
-from conftest import write_tiff
 
 pytestmark = pytest.mark.gui
-
-PLUGIN = "napari-mil"
 
 
 @pytest.fixture
@@ -18,20 +15,8 @@ def viewer(make_napari_viewer):
 
 @pytest.fixture
 def dock(viewer):
-    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Slide & tissue")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-mil", "Slide & tissue")
     return widget
-
-
-def wait_for(qtbot, dock, worker, timeout=60_000):
-    """Wait until the dock has handled the worker's result (or error)."""
-    assert worker is not None, f"the step did not start: {dock.status.value}"
-    qtbot.waitUntil(lambda: not dock.is_running(worker), timeout=timeout)
-
-
-def notifications():
-    from napari.utils.notifications import notification_manager
-
-    return [str(n.message) for n in notification_manager.records]
 
 
 def test_reader_returns_none_for_other_files():
@@ -43,7 +28,7 @@ def test_reader_returns_none_for_other_files():
 
 
 def test_open_cmu1_through_the_manifest(viewer, cmu1_path):
-    layers = viewer.open(cmu1_path, plugin=PLUGIN)
+    layers = viewer.open(cmu1_path, plugin="napari-mil")
     layer = layers[0]
     assert layer.name == "CMU-1-Small-Region" and layer.rgb
     assert tuple(layer.scale) == pytest.approx((0.499, 0.499))
@@ -56,7 +41,7 @@ def test_open_cmu1_through_the_manifest(viewer, cmu1_path):
 def test_synthetic_sample_is_a_lazy_multiscale_layer(viewer):
     import dask.array as da
 
-    layers = viewer.open_sample(PLUGIN, "synthetic_slide")
+    layers = viewer.open_sample("napari-mil", "synthetic_slide")
     image = layers[0]
     assert image.multiscale and len(image.data) == 3
     assert all(isinstance(level, da.Array) for level in image.data)
@@ -65,8 +50,8 @@ def test_synthetic_sample_is_a_lazy_multiscale_layer(viewer):
     assert truth.name.endswith("tumour ground truth") and truth.data.any()
 
 
-def test_detect_edit_and_retile(viewer, dock, qtbot, synthetic_slide):
-    viewer.open(synthetic_slide.path, plugin=PLUGIN)
+def test_detect_edit_and_retile(viewer, dock, qtbot, synthetic_slide, wait_for):
+    viewer.open(synthetic_slide.path, plugin="napari-mil")
     wait_for(qtbot, dock, dock.detect())
     mask_layer = viewer.layers[dock.mask_layer_name()]
     assert mask_layer.data.any()
@@ -95,8 +80,8 @@ def test_detect_edit_and_retile(viewer, dock, qtbot, synthetic_slide):
     assert (dock.state.grid.coords[:, 1] < 10 * 32).any()
 
 
-def test_grid_layer_overlays_the_slide(viewer, dock, qtbot, synthetic_slide):
-    viewer.open(synthetic_slide.path, plugin=PLUGIN)
+def test_grid_layer_overlays_the_slide(viewer, dock, qtbot, synthetic_slide, wait_for):
+    viewer.open(synthetic_slide.path, plugin="napari-mil")
     wait_for(qtbot, dock, dock.detect())
     wait_for(qtbot, dock, dock.tile())
     grid = dock.state.grid
@@ -112,11 +97,11 @@ def test_grid_layer_overlays_the_slide(viewer, dock, qtbot, synthetic_slide):
     np.testing.assert_allclose(extent[1] - extent[0], slide_extent[1] - slide_extent[0], rtol=0.01)
 
 
-def test_screenshot_shows_slide_mask_and_patches(make_napari_viewer, qtbot, synthetic_slide):
+def test_screenshot_shows_slide_mask_and_patches(make_napari_viewer, qtbot, synthetic_slide, wait_for):
     viewer = make_napari_viewer(show=True)
     viewer.window.resize(1400, 900)
-    _, dock = viewer.window.add_plugin_dock_widget(PLUGIN, "Slide & tissue")
-    viewer.open(synthetic_slide.path, plugin=PLUGIN)
+    _, dock = viewer.window.add_plugin_dock_widget("napari-mil", "Slide & tissue")
+    viewer.open(synthetic_slide.path, plugin="napari-mil")
     wait_for(qtbot, dock, dock.detect())
     wait_for(qtbot, dock, dock.tile())
     viewer.reset_view()
@@ -129,10 +114,10 @@ def test_screenshot_shows_slide_mask_and_patches(make_napari_viewer, qtbot, synt
     assert cyan.mean() > 0.002 and pinkish.mean() > 0.02
 
 
-def test_save_grid(viewer, dock, qtbot, synthetic_slide, tmp_path):
+def test_save_grid(viewer, dock, qtbot, synthetic_slide, tmp_path, wait_for):
     from napari_mil.tiling import PatchGrid
 
-    viewer.open(synthetic_slide.path, plugin=PLUGIN)
+    viewer.open(synthetic_slide.path, plugin="napari-mil")
     assert dock.save_grid(tmp_path / "g.h5") is None  # nothing to save yet: a message, no file
     assert "press 'Tile' first" in dock.status.value
     wait_for(qtbot, dock, dock.detect())
@@ -142,7 +127,7 @@ def test_save_grid(viewer, dock, qtbot, synthetic_slide, tmp_path):
 
 
 # ---- bad inputs: a message, and the viewer keeps running ------------------------------
-def test_not_a_slide_via_the_dock(viewer, dock, tmp_path):
+def test_not_a_slide_via_the_dock(viewer, dock, tmp_path, notifications):
     bad = tmp_path / "notes.svs"
     bad.write_text("not a slide")
     assert dock.open_slide(bad) is None
@@ -161,7 +146,7 @@ def test_corrupt_slide_via_file_open(viewer, synthetic_slide, tmp_path):
     path.write_bytes(data[: len(data) // 2])
     # napari shows this error as a notification when the file comes from File > Open
     with pytest.raises((ReaderPluginError, SlideOpenError)) as info:
-        viewer.open(path, plugin=PLUGIN)
+        viewer.open(path, plugin="napari-mil")
     assert "truncated.tif is not a readable slide" in str(info.value.__cause__ or info.value)
     viewer.add_image(np.zeros((4, 4)))  # still usable
     assert len(viewer.layers) == 1
@@ -174,7 +159,7 @@ def test_unsupported_format_via_the_dock(dock, tmp_path):
     assert "unsupported format" in dock.status.value
 
 
-def test_missing_mpp_is_asked_for_then_used(viewer, dock, qtbot, tmp_path, rgb_image):
+def test_missing_mpp_is_asked_for_then_used(viewer, dock, qtbot, tmp_path, rgb_image, write_tiff, wait_for):
     path = write_tiff(tmp_path / "nompp.tif", rgb_image, tile=(256, 256))
     layer = dock.open_slide(path)
     assert tuple(layer.scale) == (1.0, 1.0)  # pixels until the user says otherwise
@@ -192,8 +177,8 @@ def test_missing_mpp_is_asked_for_then_used(viewer, dock, qtbot, tmp_path, rgb_i
     assert viewer.layers[dock.mask_layer_name()].data.any()
 
 
-def test_no_tissue(viewer, dock, qtbot, blank_slide):
-    viewer.open(blank_slide.path, plugin=PLUGIN)
+def test_no_tissue(viewer, dock, qtbot, blank_slide, wait_for):
+    viewer.open(blank_slide.path, plugin="napari-mil")
     wait_for(qtbot, dock, dock.detect())
     assert "no tissue found" in dock.status.value
     wait_for(qtbot, dock, dock.tile())
@@ -201,8 +186,8 @@ def test_no_tissue(viewer, dock, qtbot, blank_slide):
     assert dock.grid_layer_name() not in viewer.layers
 
 
-def test_patch_larger_than_slide_and_magnification_above_scan(viewer, dock, qtbot, cmu1_path):
-    viewer.open(cmu1_path, plugin=PLUGIN)
+def test_patch_larger_than_slide_and_magnification_above_scan(viewer, dock, qtbot, cmu1_path, wait_for):
+    viewer.open(cmu1_path, plugin="napari-mil")
     wait_for(qtbot, dock, dock.detect())
     dock.patch_size.value = 4096
     wait_for(qtbot, dock, dock.tile())
@@ -244,6 +229,7 @@ def test_teaching_demo_finds_the_lesion(make_napari_viewer, qtbot, tmp_path, mon
         assert held_out[part]["positive"] and held_out[part]["localisation_auc"] > 0.9, held_out
     assert [r["phase"] for r in summary["history"]][:2] == ["baseline", "baseline"]
     assert summary["history"][-1]["phase"] == "train" and summary["history"][-1]["masked"] > 0.2
+    assert summary["test_auc"] is not None  # the cohort's split holds test slides out
     assert {"first_picture.png", "teacher_student.png", "retrain_curves.png"} <= set(summary["files"])
     assert summary["timings_s"]["tiled_s"] < summary["timings_s"]["total_s"]
     # the screenshot: the lesion's green outline, and the hottest attention colours beside it

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "napari_mil"
+PACKAGE = Path(__file__).resolve().parents[2] / "napari_mil"
 
 # lowest first; a module's layer is that of the longest prefix listed
 LAYERS = [
@@ -60,7 +60,7 @@ def _layer(module: str) -> int:
         for prefix in prefixes:
             if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
                 best, layer = len(prefix), i
-    assert layer is not None, f"{module} is in no layer of tests/test_architecture.py: add it"
+    assert layer is not None, f"{module} is in no layer of tests/core/test_architecture.py: add it"
     return layer
 
 

@@ -335,7 +335,7 @@ def test_abmil_learns_musk1():
 
     import numpy as np
 
-    rows = list(csv.reader(open(Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "musk1.csv")))
+    rows = list(csv.reader(open(Path(__file__).resolve().parents[2] / "benchmarks" / "data" / "musk1.csv")))
     grouped, labels = {}, {}
     for r in rows:
         grouped.setdefault(r[1], []).append([float(v) for v in r[2:]])

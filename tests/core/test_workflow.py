@@ -308,26 +308,3 @@ def test_transmil_size_from_the_command_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--transmil-heads" in err and "use it with --model transmil" in err
     assert not (tmp_path / "x").exists()
-
-
-@pytest.mark.gui
-def test_retrain_dock_shows_transmil_sizes_only_for_transmil(make_napari_viewer, tmp_path):
-    from napari_mil._napari._retrain_widget import RetrainWidget
-
-    dock = RetrainWidget(make_napari_viewer())
-    hidden = lambda: [box.native.isHidden() for box in dock.transmil_fields.values()]  # noqa: E731
-    assert hidden() == [True] * 3 and dock.train_config().model_cfg == {}
-    dock.model_name.value = "transmil"
-    assert hidden() == [False] * 3
-    dock.transmil_fields["dim"].value, dock.transmil_fields["heads"].value = 64, 4
-    dock.transmil_fields["landmarks"].value = 32
-    assert dock.train_config().model_cfg == {"dim": 64, "heads": 4, "landmarks": 32}
-
-    dock.transmil_fields["heads"].value = 6  # 64 is no multiple of 6: refused before any work starts
-    (tmp_path / "a.tif").write_bytes(b"")
-    (tmp_path / "b.tif").write_bytes(b"")
-    (tmp_path / "cohort.csv").write_text("slide_id,label,path\na,0,a.tif\nb,1,b.tif\n")
-    dock.cohort.value = str(tmp_path / "cohort.csv")
-    assert dock.train() is None and "multiple of its heads" in dock.status.value
-    dock.model_name.value = "abmil"
-    assert hidden() == [True] * 3 and dock.train_config().model_cfg == {}

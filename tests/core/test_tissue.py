@@ -74,9 +74,7 @@ def test_otsu_separates_two_modes():
     assert 10 <= t < 120
 
 
-def test_missing_mpp_stops_detection(tmp_path, rgb_image):
-    from conftest import write_tiff
-
+def test_missing_mpp_stops_detection(tmp_path, rgb_image, write_tiff):
     slide = open_slide(write_tiff(tmp_path / "nompp.tif", rgb_image, tile=(256, 256)))
     with pytest.raises(MissingMppError):
         detect_tissue(slide)

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from conftest import write_tiff
 
 from napari_mil.errors import InvalidMppError, MissingMppError, SlideOpenError
 from napari_mil.slide import open_slide
@@ -49,7 +48,7 @@ def test_tifffile_backend_matches_openslide_pixels(synthetic_slide):
         fallback.close()
 
 
-def test_untiled_tiff_opens_through_the_fallback(tmp_path, rgb_image):
+def test_untiled_tiff_opens_through_the_fallback(tmp_path, rgb_image, write_tiff):
     path = write_tiff(tmp_path / "plain.tif", rgb_image, resolution=1e4 / 0.5, unit="CENTIMETER")
     with open_slide(path) as slide:
         assert slide.backend.name == "tifffile"
@@ -70,7 +69,7 @@ def test_ome_tiff_mpp_comes_from_physical_size(tmp_path, rgb_image):
         assert slide.dimensions == (800, 600)
 
 
-def test_missing_mpp_is_asked_for_never_divided_by(tmp_path, rgb_image):
+def test_missing_mpp_is_asked_for_never_divided_by(tmp_path, rgb_image, write_tiff):
     path = write_tiff(tmp_path / "nompp.tif", rgb_image, tile=(256, 256))
     slide = open_slide(path)
     assert slide.mpp is None and slide.mpp_source == "missing"
@@ -81,7 +80,7 @@ def test_missing_mpp_is_asked_for_never_divided_by(tmp_path, rgb_image):
     assert given.mpp == 0.5 and given.mpp_source == "user"
 
 
-def test_absurd_recorded_mpp_is_treated_as_missing(tmp_path, rgb_image):
+def test_absurd_recorded_mpp_is_treated_as_missing(tmp_path, rgb_image, write_tiff):
     # 72 dpi, the default of many image editors: 352 µm per pixel
     path = write_tiff(tmp_path / "dpi.tif", rgb_image, tile=(256, 256), resolution=72, unit="INCH")
     slide = open_slide(path)
@@ -91,7 +90,7 @@ def test_absurd_recorded_mpp_is_treated_as_missing(tmp_path, rgb_image):
 
 
 @pytest.mark.parametrize("mpp", [0.0, -1, 1e4, float("nan"), "abc"])
-def test_absurd_given_mpp_is_refused(tmp_path, rgb_image, mpp):
+def test_absurd_given_mpp_is_refused(tmp_path, rgb_image, mpp, write_tiff):
     path = write_tiff(tmp_path / "x.tif", rgb_image)
     with pytest.raises(InvalidMppError):
         open_slide(path, mpp=mpp)
