@@ -88,14 +88,18 @@ def load_checkpoint(path: str | Path, feature_dim: int | None = None, device: st
         meta = json.loads(config.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{config.name} is not valid JSON: {exc}") from None
-    if meta.get("format") != "napari-mil-checkpoint-1":
+    if not isinstance(meta, dict) or meta.get("format") != "napari-mil-checkpoint-1":
         raise CheckpointError(f"{config.name} is not a napari-mil checkpoint")
+    _check_meta(meta, config.name)
     if feature_dim is not None and feature_dim != meta["in_dim"]:
         raise CheckpointError(
             f"the checkpoint expects {meta['in_dim']}-d features ({meta.get('encoder', 'its encoder')}) "
             f"but these have {feature_dim}: extract features with the encoder it was trained on"
         )
-    model = create_model(meta["model"], meta["in_dim"], meta["n_classes"], **meta.get("model_cfg", {}))
+    try:
+        model = create_model(meta["model"], meta["in_dim"], meta["n_classes"], **meta.get("model_cfg", {}))
+    except NapariMilError as exc:
+        raise CheckpointError(f"{config.name}: {exc}") from None
     try:
         state = load_file(str(weights))
     except Exception as exc:
@@ -116,6 +120,20 @@ def load_checkpoint(path: str | Path, feature_dim: int | None = None, device: st
     if normaliser is not None:
         normaliser.attach(model)
     return model.to(device).eval(), meta
+
+
+def _check_meta(meta: dict, name: str) -> None:
+    """What a model is rebuilt from: present and of the right kind, else a CheckpointError."""
+    missing = [key for key in ("model", "in_dim", "n_classes") if key not in meta]
+    if missing:
+        raise CheckpointError(f"{name} has no {', '.join(missing)}: the file is damaged or was not written whole; "
+                              "use the checkpoint as training wrote it")
+    for key in ("in_dim", "n_classes"):
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{name}: {key} must be a whole number of at least 1, not {value!r}")
+    if not isinstance(meta["model"], str) or not isinstance(meta.get("model_cfg", {}), dict):
+        raise CheckpointError(f"{name}: 'model' must be a model name and 'model_cfg' its options")
 
 
 def load_for_prediction(checkpoint: str | Path, feature_dim: int | None = None, part: str = "student",
