@@ -4,7 +4,7 @@ One set of tissue and grid settings (``GridSettings``) for the command line, the
 training cohort. Files written for a slide named NAME under an output folder OUT:
 
     OUT/masks/NAME.png      the tissue mask
-    OUT/patches/NAME.h5     the patch grid (reused by later runs)
+    OUT/patches/NAME.h5     the patch grid (reused by later runs with the same settings)
     OUT/previews/NAME.png   the grid over a thumbnail
     OUT/features_<encoder>/NAME.h5   the features (``slide_to_bag``)
 
@@ -196,16 +196,19 @@ def tile_slide(path: str | Path, out: str | Path, settings: GridSettings = GridS
         return TileResult(slide.name, len(grid), mask.tissue_area_fraction, mask_path, grid_path, preview_path)
 
 
-def slide_grid(path: str | Path, out: str | Path, settings: GridSettings = GridSettings(),
+def slide_grid(path: str | Path, out: str | Path, settings: GridSettings | None = None,
                mpp: float | None = None) -> SlideGrid:
-    """The slide's grid: reused from ``out``/patches/<slide>.h5 when it fits ``settings`` (see
-    ``_fits``), else tiled now, over it. An unreadable grid file is a GridError saying so."""
-    out = Path(out)
+    """The slide's grid from ``out``/patches/<slide>.h5, or tiled now (over it) when there is
+    none or it does not fit ``settings`` (``_fits``). Without ``settings`` the file is used as
+    it is, whatever made it (the viewer's edited grid), and a missing one is tiled with the
+    defaults. An unreadable grid file is a GridError saying so."""
+    out, given = Path(out), settings
+    settings = settings or GridSettings()
     with _open(path, settings, mpp) as slide:
         grid_file = out / "patches" / f"{check_name(slide.name, 'slide name')}.h5"
         if grid_file.exists():
             grid = _load_grid(grid_file, slide)
-            if _fits(grid, slide, settings):
+            if given is None or _fits(grid, slide, given):
                 return SlideGrid(grid, slide.mpp, tiled=False)
     tile_slide(path, out, settings, mpp)
     with _open(path, settings, mpp) as slide:
@@ -238,7 +241,7 @@ def _fits(grid: PatchGrid, slide: Slide, settings: GridSettings) -> bool:
     return recorded is None or recorded == settings.record()
 
 
-def slide_to_bag(path: str | Path, encoder, out: str | Path, settings: GridSettings = GridSettings(),
+def slide_to_bag(path: str | Path, encoder, out: str | Path, settings: GridSettings | None = None,
                  mpp: float | None = None, batch_size: int = 64, num_workers: int | None = None,
                  dtype: str = "float16", progress: Callable | None = None,
                  cancel: Callable[[], bool] | None = None):
