@@ -180,7 +180,7 @@ def cmd_synthetic(args) -> int:
             )
             print(f"wrote {info.path} (label {info.label}, tumour {info.tumour_fraction:.2%} of tissue)")
     except (ValueError, OSError) as exc:
-        error(exc)
+        error(failure(exc))
         return 2
     return 0
 

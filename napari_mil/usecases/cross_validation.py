@@ -111,6 +111,10 @@ def cross_validate(bags: list[Bag], folds: list[dict[str, np.ndarray]], cfg: Tra
         metrics: dict = {}
         if test:
             probs, _ = predict_probs(result.model, test, next(result.model.parameters()).device)
+            bad = [b.slide_id for b, p in zip(test, probs[:, -1]) if not np.isfinite(p)]
+            if bad:  # never a class: predictions.csv would say 0
+                raise FoldError(k, NapariMilError(f"the model gives NaN or infinite probabilities for test slide(s) "
+                                                  f"{', '.join(bad[:5])}; check their features"))
             for bag, p in zip(test, probs[:, -1]):
                 cv.rows.append({"slide_id": bag.slide_id, "patient_id": bag.patient_id, "fold": k, "label": bag.label,
                                 "probability": f"{p:.6f}", "predicted": int(p >= result.threshold)})

@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import operator
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -274,4 +275,7 @@ def write_extract_manifest(out: str | Path, encoder, parameters: dict, slides: l
         "parameters": parameters,
         "slides": slides,
     }
-    return write_json(Path(out) / f"extract_manifest_{time.strftime('%Y%m%d-%H%M%S')}.json", manifest)
+    path = Path(out) / f"extract_manifest_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if path.exists():  # another run into the same folder in the same second: keep both
+        path = path.with_name(f"{path.stem}-{os.getpid()}.json")
+    return write_json(path, manifest)

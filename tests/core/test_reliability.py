@@ -113,6 +113,27 @@ def test_nan_probabilities_or_threshold_never_become_a_class(cohort):
     assert predict_bag(model, meta, bag, "a").predicted in (0, 1)
 
 
+def test_cross_validation_gives_no_class_for_nan_test_probabilities(tmp_path, monkeypatch):
+    import napari_mil.usecases.cross_validation as cv
+    from napari_mil.training.data import Bag
+    from napari_mil.training.trainer import TrainConfig
+
+    rng = np.random.default_rng(0)
+    bags = [Bag(f"s{i}", i % 2, f"p{i}", rng.normal(size=(6, 4)).astype(np.float32), np.zeros((6, 2)))
+            for i in range(6)]
+    folds = [{"train": np.array([0, 1, 2, 3]), "val": np.array([0, 1]), "test": np.array([4, 5])}]
+    real = cv.predict_probs
+
+    def nan_probs(model, test, device):  # a model that overflows on the test slides
+        probs, rest = real(model, test, device)
+        return np.full_like(probs, np.nan), rest
+
+    monkeypatch.setattr(cv, "predict_probs", nan_probs)
+    with pytest.raises(cv.FoldError, match="fold 1: .*NaN or infinite probabilities for test slide.*s4, s5"):
+        cv.cross_validate(bags, folds, TrainConfig(epochs=1, min_epochs=1, device="cpu"), tmp_path, n_boot=10)
+    assert not (tmp_path / "predictions.csv").exists()
+
+
 # ---- 2. duplicate slide IDs ----------------------------------------------------------------------
 def test_a_slide_given_twice_is_refused(cohort, capsys):
     root, checkpoint = cohort
