@@ -28,7 +28,8 @@ class Number:
             value = None
         if value is None or not math.isfinite(value) or not self.contains(value):
             what = "a whole number" if self.kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what} {self}")
+            bounded = self.low is not None or self.high is not None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what + ' ' if bounded else ''}{self}")
         return value
 
     def contains(self, value) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_mil.errors import NapariMilError
+from napari_mil.errors import NapariMilError, os_error_message
 from napari_mil.heatmaps import MASK_KINDS, AttentionMap, save_attention
 from napari_mil.models.contract import attention_options, bag_tensor
 from napari_mil.names import check_name
@@ -249,6 +249,8 @@ def out_of_fold(models_dir: str | Path, features_root: str | Path, out: str | Pa
                     drift.append(slide_id)
             except NapariMilError as exc:
                 result.errors.append(str(exc))
+            except OSError as exc:  # a file this slide's prediction could not write
+                result.errors.append(os_error_message(exc))
             done += 1
             if progress is not None:
                 progress(OOFProgress(done, len(rows), slide_id, k))
