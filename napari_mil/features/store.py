@@ -81,8 +81,8 @@ class FeatureBag:
     def widened(self) -> FeatureBag:
         """The bag with float32 features (itself when they are): for a bag that models will run on
         many times, as the viewer's open slide (every inference, comparison and training epoch),
-        float16 features from the store are widened once instead of at every run. Torch widens
-        100k x 1024 features in ~0.17 s on two cores, several times faster than numpy."""
+        float16 features from the store are widened once instead of at every run, by torch, which
+        is several times faster at it than numpy (docs/benchmarks.md)."""
         if self.features.dtype == np.float32:
             return self
         from napari_mil.models.contract import bag_tensor
