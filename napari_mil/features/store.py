@@ -132,9 +132,7 @@ class FeatureBag:
                     raise FeatureStoreError(f"{path.name} is not a feature file: it needs 'features' and 'coords' datasets")
                 features = np.asarray(fh["features"][:])
                 coords = np.asarray(fh["coords"][:], np.int64)
-                attrs = {k: plain_attr(v) for k, v in fh["coords"].attrs.items()}
-                attrs.update({k: plain_attr(v) for k, v in fh["features"].attrs.items()})
-                attrs.update({k: plain_attr(v) for k, v in fh.attrs.items()})
+                attrs = _file_attrs(fh)
                 skipped = np.asarray(fh["skipped_coords"][:], np.int64) if "skipped_coords" in fh else np.zeros((0, 2), np.int64)
         except OSError as exc:
             raise FeatureStoreError(f"cannot read {path.name}: {exc}") from None
@@ -147,6 +145,30 @@ class FeatureBag:
         if features.ndim != 2 or len(features) != len(coords):
             raise FeatureStoreError(f"{path.name}: features {features.shape} do not match coords {coords.shape}")
         return cls(features, coords, attrs, skipped)
+
+
+def stored_geometry(path: str | os.PathLike) -> tuple[PatchGeometry, dict]:
+    """A feature file's patch geometry and attrs, without reading its features."""
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as fh:
+            if "features" not in fh or "coords" not in fh:
+                raise FeatureStoreError(f"{path.name} is not a feature file: it needs 'features' and 'coords' datasets")
+            coords = np.asarray(fh["coords"][:], np.int64).reshape(-1, 2)
+            attrs = _file_attrs(fh)
+    except OSError as exc:
+        raise FeatureStoreError(f"cannot read {path.name}: {exc}") from None
+    return PatchGeometry.from_attrs(attrs, coords), attrs
+
+
+def _file_attrs(fh) -> dict:
+    """The attrs of ``coords``, then of ``features``, then of the file (later ones win)."""
+    attrs = {k: plain_attr(v) for k, v in fh["coords"].attrs.items()}
+    attrs.update({k: plain_attr(v) for k, v in fh["features"].attrs.items()})
+    attrs.update({k: plain_attr(v) for k, v in fh.attrs.items()})
+    return attrs
 
 
 def feature_path(root: str | os.PathLike, encoder: str, slide_name: str) -> Path:

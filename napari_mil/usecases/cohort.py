@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from napari_mil.features.store import feature_path
+from napari_mil.errors import NapariMilError
+from napari_mil.features.store import feature_path, stored_geometry
 from napari_mil.training.data import CohortError, SlideRecord, label_columns, load_bags, read_labels
-from napari_mil.usecases.slide_to_bag import GridSettings, detect, make_grid
+from napari_mil.usecases.slide_to_bag import GridSettings, detect, geometry_fits, make_grid
 
 
 @dataclass
@@ -59,8 +60,10 @@ def ensure_features(slides: list[CohortSlide], encoder, feature_root: str | Path
                     settings: GridSettings = GridSettings(), num_workers: int = 0,
                     progress: Callable[[CohortProgress], None] | None = None,
                     cancel: Callable[[], bool] | None = None):
-    """Features for every slide (tissue detected and tiled with ``settings`` where a slide has
-    none yet; cached feature files reused as they are), then the bags, checked as for training."""
+    """Features for every slide, then the bags, checked as for training. A slide's feature file
+    is reused when it was made by this encoder (name and weights) with the geometry ``settings``
+    give on the slide; otherwise tissue is detected and tiled with ``settings`` and the patches
+    encoded again (over the old file)."""
     from napari_mil.features.extract import ExtractionCancelled, extract_features
     from napari_mil.slide import open_slide
 
@@ -68,12 +71,25 @@ def ensure_features(slides: list[CohortSlide], encoder, feature_root: str | Path
         if cancel is not None and cancel():
             raise ExtractionCancelled(f"stopped before {item.record.slide_id}; the features extracted so far are kept")
         target = feature_path(feature_root, encoder.name, item.record.slide_id)
-        extracted = not target.exists()
+        with open_slide(item.path, mpp=settings.mpp) as slide:
+            extracted = not _reusable(target, slide, settings, encoder)
+            if extracted:
+                grid = replace(make_grid(slide, detect(slide, settings), settings), slide_name=item.record.slide_id)
         if extracted:
-            with open_slide(item.path, mpp=settings.mpp) as slide:
-                grid = make_grid(slide, detect(slide, settings), settings)
-            grid = replace(grid, slide_name=item.record.slide_id)
             extract_features(item.path, grid, encoder, feature_root, num_workers=num_workers, cancel=cancel)
         if progress is not None:
             progress(CohortProgress(i + 1, len(slides), item.record.slide_id, extracted))
     return load_bags([s.record for s in slides], feature_root, encoder.name)
+
+
+def _reusable(target: Path, slide, settings: GridSettings, encoder) -> bool:
+    """Whether the feature file ``target`` holds this encoder's features on the grid ``settings``
+    give on ``slide``: features made with other settings or weights are never reused."""
+    if not target.exists():
+        return False
+    try:
+        geometry, attrs = stored_geometry(target)
+    except NapariMilError:
+        return False  # unreadable or without a geometry: encoded again
+    same_weights = str(attrs.get("weights_hash", "")) == str(encoder.weights_hash)
+    return same_weights and geometry_fits(geometry, slide, settings)

@@ -227,19 +227,24 @@ def _load_grid(grid_file: Path, slide: Slide) -> PatchGrid:
 
 
 def _fits(grid: PatchGrid, slide: Slide, settings: GridSettings) -> bool:
-    """Whether a grid file has the geometry ``settings`` give on this slide (patch size, level-0
-    extent, overlap, µm per pixel) and, when it records them (``tile`` does), the same tissue
-    settings. A grid made elsewhere with the same geometry (edited in the viewer, TRIDENT's) fits."""
+    """Whether a grid file has the geometry ``settings`` give on this slide and, when it records
+    them (``tile`` does), the same tissue settings. A grid made elsewhere with the same geometry
+    (edited in the viewer, TRIDENT's) fits."""
+    recorded = grid.extra.get("grid_settings")
+    return geometry_fits(grid.geometry, slide, settings) and (recorded is None or recorded == settings.record())
+
+
+def geometry_fits(geometry, slide: Slide, settings: GridSettings) -> bool:
+    """Whether a patch geometry (a grid's or a feature file's) is the one ``settings`` give on
+    this slide: patch size, level-0 extent, overlap and µm per pixel."""
     from napari_mil.tiling import target_downsample
 
     options = settings.grid_options()
     size0 = int(round(settings.patch_size * target_downsample(slide, options["target_mpp"], options["magnification"])))
-    if (grid.patch_size, grid.patch_size_level0, grid.overlap) != (settings.patch_size, size0, settings.overlap):
+    if (geometry.patch_size, geometry.patch_size_level0, geometry.overlap) != (settings.patch_size, size0,
+                                                                                settings.overlap):
         return False
-    if grid.level0_mpp is None or not math.isclose(grid.level0_mpp, slide.require_mpp(), rel_tol=1e-6):
-        return False
-    recorded = grid.extra.get("grid_settings")
-    return recorded is None or recorded == settings.record()
+    return geometry.level0_mpp is not None and math.isclose(geometry.level0_mpp, slide.require_mpp(), rel_tol=1e-6)
 
 
 def slide_to_bag(path: str | Path, encoder, out: str | Path, settings: GridSettings | None = None,

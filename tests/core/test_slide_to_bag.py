@@ -138,5 +138,11 @@ def test_cohort_features_use_the_grid_settings(tmp_path, hne):
         stored = FeatureBag.load(feature_path(tmp_path / "features", hne.name, item.record.slide_id))
         assert stored.attrs["patch_size"] == 128
     reports.clear()
-    ensure_features(slides, hne, tmp_path / "features", progress=reports.append)
-    assert [r.extracted for r in reports] == [False, False]  # cached features are reused as they are
+    ensure_features(slides, hne, tmp_path / "features", GridSettings(patch_size=128), progress=reports.append)
+    assert [r.extracted for r in reports] == [False, False]  # the same settings: the cached features
+    reports.clear()
+    ensure_features(slides, hne, tmp_path / "features", progress=reports.append)  # 256 px patches now
+    assert [r.extracted for r in reports] == [True, True]  # features of other settings are never reused
+    for item in slides:
+        stored = FeatureBag.load(feature_path(tmp_path / "features", hne.name, item.record.slide_id))
+        assert stored.attrs["patch_size"] == 256
