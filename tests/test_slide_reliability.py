@@ -1,8 +1,12 @@
 """Corrupt and oversized slides: the process survives, only the project's errors escape, memory
 stays bounded, and the viewer shows an unreadable tile blank with one notification."""
 
+import csv
 import os
 import struct
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +87,58 @@ def test_the_fallback_turns_what_tifffile_raises_on_open_into_slide_open_errors(
     bad = with_value(small_slide, tmp_path / "bad.tif", 0, tag, value, part=part)
     with pytest.raises(SlideOpenError, match="tifffile"):
         TiffBackend(bad)
+
+
+# ---- 1. header values that made OpenSlide abort the process ------------------------------------
+
+OPEN_AND_READ = textwrap.dedent("""
+    import sys
+    from napari_mil.errors import NapariMilError
+    from napari_mil.slide import open_slide
+    try:
+        with open_slide(sys.argv[1]) as slide:
+            slide.read_region((0, 0), slide.level_count - 1, (512, 384))
+            slide.read_region((0, 0), 0, (2048, 1536))
+        print("opened")
+    except NapariMilError as exc:
+        print(f"{type(exc).__name__}: {exc}")
+""")
+
+
+@pytest.fixture(scope="module")
+def small_bigtiff(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("big") / "small_big.tif"
+    image = np.clip(rng.normal(200, 20, (1024, 1024, 3)), 0, 255).astype(np.uint8)
+    tifffile.imwrite(path, image, bigtiff=True, tile=(256, 256), photometric="rgb", compression="jpeg")
+    return path
+
+
+@pytest.mark.parametrize("case", [
+    # what the issue found: a 512 x 1,560,281,600 px tile, about 3 TB to allocate
+    dict(page=0, tag="TileLength", value=1560281600),
+    dict(page=1, tag="TileWidth", value=2**31 - 1),
+    dict(page=1, tag="TileByteCounts", value=2**32 - 1),  # 4 GiB of tile data in a 250 kB file
+    dict(page=0, tag="TileLength", value=1560281600, bigtiff=True),
+])
+def test_header_values_openslide_would_die_on_are_refused_at_open(small_slide, small_bigtiff, tmp_path, case):
+    """Each mutant is opened in a child process: before the checks, the first two aborted it."""
+    src = small_bigtiff if case.get("bigtiff") else small_slide
+    bad = with_value(src, tmp_path / "bad.tif", case["page"], case["tag"], case["value"])
+    child = subprocess.run([sys.executable, "-c", OPEN_AND_READ, str(bad)], capture_output=True, text=True,
+                           env=CHILD_ENV, cwd=ROOT, timeout=120)
+    assert child.returncode == 0, f"the process died ({child.returncode}): {child.stderr[-500:]}"
+    assert child.stdout.startswith("SlideOpenError: bad.tif is not a readable slide: corrupt TIFF structure"), \
+        child.stdout + child.stderr[-500:]
+
+
+def test_a_batch_goes_on_after_a_slide_that_would_abort(small_slide, cmu1_path, tmp_path):
+    bad = with_value(small_slide, tmp_path / "a.tif", 0, "TileLength", 1560281600)
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "napari_mil.cli", "tile", str(bad), str(cmu1_path), "--out", str(out)],
+                         capture_output=True, text=True, env=CHILD_ENV, cwd=ROOT, timeout=300)
+    assert run.returncode == 1, run.stderr[-800:]
+    rows = list(csv.DictReader(open(out / "tiling_summary.csv")))
+    assert [Path(r["slide"]).name for r in rows] == ["a.tif", cmu1_path.name]
+    assert "corrupt TIFF structure" in rows[0]["error"] and "tiles" in rows[0]["error"]
+    assert rows[1]["error"] == "" and int(rows[1]["patches"]) > 10
