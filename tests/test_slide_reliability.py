@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_mil.errors import SlideOpenError, SlideReadError
+from napari_mil.errors import MemoryCapError, SlideOpenError, SlideReadError
 from napari_mil.slide import open_slide
 from napari_mil.slide.base import Slide
 from napari_mil.slide.tiff_backend import TiffBackend
+from napari_mil.tissue import detect_tissue
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -56,37 +57,6 @@ def damage_tile(src: Path, dst: Path, page: int, index: int) -> Path:
     data[offset : offset + 64] = bytes(64)
     dst.write_bytes(bytes(data))
     return dst
-
-
-# ---- 2. errors after open are the project's ------------------------------------------------------
-
-
-def test_a_damaged_tile_is_a_read_error_naming_the_slide_and_the_region(small_slide, tmp_path):
-    path = damage_tile(small_slide, tmp_path / "damaged.tif", page=0, index=9)  # row 1, column 1
-    with open_slide(path) as slide, open_slide(small_slide) as good:
-        assert slide.backend.name == "openslide"
-        with pytest.raises(SlideReadError, match=r"damaged\.tif: cannot read the region level 0 at \(300, 300\), "
-                                                 r"100 x 100 px: OpenSlideError"):
-            slide.read_region((300, 300), 0, (100, 100))
-        # OpenSlide fails every read after an error on the same handle: the backend replaces it
-        np.testing.assert_array_equal(slide.read_region((1024, 1024), 0, (300, 200)),
-                                      good.read_region((1024, 1024), 0, (300, 200)))
-    fallback = Slide(path, TiffBackend(path), 0.25, "user")
-    with pytest.raises(SlideReadError, match=r"damaged\.tif: cannot read the region level 0 at \(300, 300\)"):
-        fallback.read_region((300, 300), 0, (100, 100))
-    fallback.close()
-
-
-@pytest.mark.parametrize("tag,part,value", [
-    ("TileWidth", "count", 2),  # tifffile: TypeError comparing a tuple
-    ("TileLength", "type", 2),  # ValueError: int('')
-    ("XResolution", "count", 0),  # ValueError unpacking the resolution
-])
-def test_the_fallback_turns_what_tifffile_raises_on_open_into_slide_open_errors(small_slide, tmp_path, tag, part,
-                                                                               value):
-    bad = with_value(small_slide, tmp_path / "bad.tif", 0, tag, value, part=part)
-    with pytest.raises(SlideOpenError, match="tifffile"):
-        TiffBackend(bad)
 
 
 # ---- 1. header values that made OpenSlide abort the process ------------------------------------
@@ -142,3 +112,116 @@ def test_a_batch_goes_on_after_a_slide_that_would_abort(small_slide, cmu1_path, 
     assert [Path(r["slide"]).name for r in rows] == ["a.tif", cmu1_path.name]
     assert "corrupt TIFF structure" in rows[0]["error"] and "tiles" in rows[0]["error"]
     assert rows[1]["error"] == "" and int(rows[1]["patches"]) > 10
+
+
+# ---- 2. errors after open are the project's ------------------------------------------------------
+
+
+def test_a_damaged_tile_is_a_read_error_naming_the_slide_and_the_region(small_slide, tmp_path):
+    path = damage_tile(small_slide, tmp_path / "damaged.tif", page=0, index=9)  # row 1, column 1
+    with open_slide(path) as slide, open_slide(small_slide) as good:
+        assert slide.backend.name == "openslide"
+        with pytest.raises(SlideReadError, match=r"damaged\.tif: cannot read the region level 0 at \(300, 300\), "
+                                                 r"100 x 100 px: OpenSlideError"):
+            slide.read_region((300, 300), 0, (100, 100))
+        # OpenSlide fails every read after an error on the same handle: the backend replaces it
+        np.testing.assert_array_equal(slide.read_region((1024, 1024), 0, (300, 200)),
+                                      good.read_region((1024, 1024), 0, (300, 200)))
+    fallback = Slide(path, TiffBackend(path), 0.25, "user")
+    with pytest.raises(SlideReadError, match=r"damaged\.tif: cannot read the region level 0 at \(300, 300\)"):
+        fallback.read_region((300, 300), 0, (100, 100))
+    fallback.close()
+
+
+@pytest.mark.parametrize("tag,part,value", [
+    ("TileWidth", "count", 2),  # tifffile: TypeError comparing a tuple
+    ("TileLength", "type", 2),  # ValueError: int('')
+    ("XResolution", "count", 0),  # ValueError unpacking the resolution
+])
+def test_the_fallback_turns_what_tifffile_raises_on_open_into_slide_open_errors(small_slide, tmp_path, tag, part,
+                                                                               value):
+    bad = with_value(small_slide, tmp_path / "bad.tif", 0, tag, value, part=part)
+    with pytest.raises(SlideOpenError, match="tifffile"):
+        TiffBackend(bad)
+
+
+# ---- 3. tissue detection in bounded memory --------------------------------------------------------
+
+
+def _spy_reads(slide: Slide, monkeypatch) -> list:
+    """Record the size of every region read; fail any read of more than 4.2 Mpx (2048 x 2048)."""
+    sizes, read = [], slide.read_region
+
+    def spy(location, level, size):
+        sizes.append(size)
+        assert size[0] * size[1] <= 2048 * 2048, f"a {size[0]} x {size[1]} px read"
+        return read(location, level, size)
+
+    monkeypatch.setattr(slide, "read_region", spy)
+    return sizes
+
+
+def test_a_single_level_slide_is_detected_region_by_region(tmp_path, monkeypatch):
+    """8192 x 8192 px and no pyramid: the thumbnail is built from 2048 px regions, never the
+    whole level (which for 30,000 px a side ran out of memory)."""
+    tile, n = 512, 8192
+    glass, tissue = np.full((tile, tile, 3), 243, np.uint8), np.full((tile, tile, 3), (200, 110, 170), np.uint8)
+    tiles = (tissue if 5 <= ty < 11 and 5 <= tx < 11 else glass for ty in range(n // tile) for tx in range(n // tile))
+    path = tmp_path / "single.tif"
+    tifffile.imwrite(path, tiles, shape=(n, n, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+                     compression="jpeg", resolution=(4e4, 4e4), resolutionunit="CENTIMETER")
+    with open_slide(path) as slide:
+        assert slide.level_count == 1 and slide.mpp == pytest.approx(0.25)
+        sizes = _spy_reads(slide, monkeypatch)
+        mask = detect_tissue(slide)
+    assert len(sizes) == 16
+    assert mask.mask.shape == (256, 256)
+    assert mask.tissue_area_fraction == pytest.approx(36 / 256, abs=0.01)
+    assert mask.mask[128, 128] and not mask.mask[20, 20]
+
+
+def _tall_tiff(path: Path, height: int, mpp: float) -> Path:
+    """A valid 512 px wide tiled JPEG TIFF of ``height`` rows in a few kB: every tile entry points
+    at the same JPEG tile."""
+    import imagecodecs
+
+    jpeg = imagecodecs.jpeg8_encode(np.full((512, 512, 3), 240, np.uint8), level=80, colorspace="RGB",
+                                    outcolorspace="RGB")
+    n = -(-height // 512)
+    res = (round(1e4 / mpp), 1)  # pixels per centimetre
+    tags = [(256, 4, 1, 512), (257, 4, 1, height), (258, 3, 3, None), (259, 3, 1, 7), (262, 3, 1, 2),
+            (277, 3, 1, 3), (282, 5, 1, None), (283, 5, 1, None), (284, 3, 1, 1), (296, 3, 1, 3),
+            (322, 3, 1, 512), (323, 3, 1, 512), (324, 4, n, None), (325, 4, n, None)]
+    ifd_size = 2 + 12 * len(tags) + 4
+    extra_at = 8 + ifd_size
+    arrays = {258: struct.pack("<3H", 8, 8, 8), 282: struct.pack("<2I", *res), 283: struct.pack("<2I", *res)}
+    data_at = extra_at + sum(len(v) for v in arrays.values()) + 8 * n
+    arrays[324] = struct.pack(f"<{n}I", *([data_at] * n))
+    arrays[325] = struct.pack(f"<{n}I", *([len(jpeg)] * n))
+    out, extra, positions = bytearray(b"II*\x00" + struct.pack("<I", 8)), bytearray(), {}
+    for tag in (258, 282, 283, 324, 325):
+        positions[tag] = extra_at + len(extra)
+        extra += arrays[tag]
+    out += struct.pack("<H", len(tags))
+    for tag, typ, count, value in tags:
+        field = struct.pack("<I", positions[tag]) if value is None else struct.pack("<HH" if typ == 3 else "<I",
+                                                                                   *((value, 0) if typ == 3 else (value,)))
+        out += struct.pack("<HHI", tag, typ, count) + field
+    out += struct.pack("<I", 0) + extra + jpeg
+    path.write_bytes(bytes(out))
+    return path
+
+
+def test_a_huge_thumbnail_is_refused_before_anything_is_read(tmp_path, monkeypatch):
+    """3.4 million rows at 2 µm/px: the 8 µm/px thumbnail alone would be 108 Mpx (4 GiB to segment);
+    the whole level, which tissue detection used to read at once, 7 GB of RGBA."""
+    path = _tall_tiff(tmp_path / "tall.tif", 3_400_000, mpp=2.0)
+    assert path.stat().st_size < 200_000
+    with open_slide(path) as slide:
+        assert slide.dimensions == (512, 3_400_000) and slide.mpp == pytest.approx(2.0)
+        sizes = _spy_reads(slide, monkeypatch)
+        with pytest.raises(MemoryCapError, match=r"128 x 850000 px .* above max_pixels=50,000,000.*raise max_pixels"):
+            detect_tissue(slide)
+        assert sizes == []
+        with pytest.raises(MemoryCapError, match="max_pixels=1,000;"):  # the cap is a parameter
+            detect_tissue(slide, max_pixels=1_000)
