@@ -16,6 +16,7 @@ import tifffile
 from napari_mil.errors import MemoryCapError, SlideOpenError, SlideReadError
 from napari_mil.slide import open_slide
 from napari_mil.slide.base import Slide
+from napari_mil.slide.pyramid import dask_pyramid
 from napari_mil.slide.tiff_backend import TiffBackend
 from napari_mil.tissue import detect_tissue
 
@@ -225,3 +226,38 @@ def test_a_huge_thumbnail_is_refused_before_anything_is_read(tmp_path, monkeypat
         assert sizes == []
         with pytest.raises(MemoryCapError, match="max_pixels=1,000;"):  # the cap is a parameter
             detect_tissue(slide, max_pixels=1_000)
+
+
+# ---- 4. the viewer: a blank tile and one notification, not a dead layer ------------------------
+
+
+def test_an_unreadable_tile_becomes_blank_and_is_reported(small_slide, tmp_path):
+    path = damage_tile(small_slide, tmp_path / "damaged.tif", page=0, index=9)
+    errors = []
+    with open_slide(path) as slide, open_slide(small_slide) as good:
+        level0 = dask_pyramid(slide, on_error=errors.append)[0]
+        bad_tile = np.asarray(level0[256:512, 256:512])
+        assert (bad_tile == 255).all()
+        assert len(errors) == 1 and isinstance(errors[0], SlideReadError) and "damaged.tif" in str(errors[0])
+        np.testing.assert_array_equal(np.asarray(level0[512:1024, 512:1024]),
+                                      good.read_region((512, 512), 0, (512, 512)))
+        with pytest.raises(SlideReadError):  # without a callback the error is the caller's
+            np.asarray(dask_pyramid(slide)[0][256:512, 256:512])
+
+
+def test_the_viewer_layer_notifies_once_per_slide(small_slide, tmp_path, monkeypatch):
+    import napari.utils.notifications
+
+    from napari_mil._napari._layers import slide_layer_data
+
+    shown = []
+    monkeypatch.setattr(napari.utils.notifications, "show_warning", shown.append)
+    path = damage_tile(small_slide, tmp_path / "damaged.tif", page=0, index=9)
+    path = damage_tile(path, path, page=0, index=10)
+    with open_slide(path) as slide:
+        data, kwargs, kind = slide_layer_data(slide)
+        for _ in range(3):  # napari asks again as the view moves: still one notification
+            view = np.asarray(data[0][0:768, 0:768])
+        assert (view[256:512, 256:768] == 255).all() and view[:256].std() > 0
+    assert len(shown) == 1
+    assert "damaged.tif" in shown[0] and "shown blank" in shown[0]
