@@ -20,7 +20,7 @@ from napari_mil.slide.pyramid import dask_pyramid
 from napari_mil.slide.tiff_backend import TiffBackend
 from napari_mil.tissue import detect_tissue
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())  # the repository
 CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
