@@ -7,7 +7,7 @@ import pytest
 
 ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())  # the repository
 HARNESS = ROOT / "benchmarks" / "fuzz_slides.py"
-MUTANTS = 1000  # 250 per seed (classic TIFF, BigTIFF) and backend (OpenSlide, tifffile); ~10-25 s on 2 cores
+MUTANTS = 1000  # 250 per seed (classic TIFF, BigTIFF) and backend (OpenSlide, tifffile)
 
 
 def _harness():
