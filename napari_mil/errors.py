@@ -9,6 +9,15 @@ class SlideOpenError(NapariMilError):
     """The file is missing, is not a slide, is corrupt or is in an unsupported format."""
 
 
+class SlideReadError(NapariMilError):
+    """A region of an opened slide cannot be read (damaged tile data, a file changed on disk)."""
+
+
+class MemoryCapError(NapariMilError):
+    """What the input asks for (a thumbnail, a mask) would exceed a memory cap; the message
+    names the parameter that raises the cap."""
+
+
 class MissingMppError(NapariMilError):
     """The slide records no microns-per-pixel and none was given."""
 

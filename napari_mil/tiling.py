@@ -19,6 +19,7 @@ from napari_mil.atomic import atomic_path
 from napari_mil.errors import GridError, NoTissueError
 from napari_mil.geometry import PatchGeometry, grid_step
 from napari_mil.slide.base import Slide
+from napari_mil.slide.thumbnail import read_downsampled
 from napari_mil.tissue import TissueMask
 
 MIN_PATCH_SIZE = 8  # pixels at the target: smaller patches show an encoder nothing
@@ -313,7 +314,7 @@ def render_grid_preview(slide: Slide, mask: TissueMask | None, grid: PatchGrid |
     ds = max(w0, h0) / max_size if max(w0, h0) > max_size else 1.0
     level = slide.best_level_for_downsample(ds)
     out_w, out_h = max(1, int(round(w0 / ds))), max(1, int(round(h0 / ds)))
-    base = Image.fromarray(slide.read_level(level)).resize((out_w, out_h), Image.Resampling.BOX)
+    base = Image.fromarray(read_downsampled(slide, level, (out_w, out_h)))  # block by block: bounded memory
     if mask is not None and mask.mask.any():
         small = np.asarray(Image.fromarray(mask.mask.astype(np.uint8) * 255).resize((out_w, out_h), Image.Resampling.NEAREST)) > 0
         edge = small & ~ndimage.binary_erosion(small, iterations=2)

@@ -14,8 +14,9 @@ import numpy as np
 from scipy import ndimage
 
 from napari_mil.atomic import atomic_path
-from napari_mil.errors import NoTissueError
+from napari_mil.errors import MemoryCapError, NoTissueError
 from napari_mil.slide.base import Slide
+from napari_mil.slide.thumbnail import read_downsampled
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class TissueParams:
     max_hole_area_um2: float = 50_000.0  # holes up to this size are filled; larger lumens kept
     exclude_pen: bool = True  # blue and green ink (hue 70-245°) is not tissue
     dark_value: int = 40  # pixels darker than this (V, 0-255) are debris or black ink
+    max_pixels: int = 50_000_000  # refuse thumbnails above this (a 25 x 75 mm glass at 8 µm/px is 29 Mpx)
 
 
 PRESETS: dict[str, TissueParams] = {
@@ -84,22 +86,33 @@ class TissueMask:
         return cls(mask, (sy, sx))
 
 
-def read_thumbnail(slide: Slide, mask_mpp: float) -> tuple[np.ndarray, tuple[float, float]]:
+# Bytes held per thumbnail pixel while a mask is made: the RGB thumbnail, segment_tissue's
+# channels, filters and labels (35 measured), the mask.
+BYTES_PER_THUMBNAIL_PIXEL = 40
+
+
+def read_thumbnail(slide: Slide, mask_mpp: float,
+                   max_pixels: int = TissueParams.max_pixels) -> tuple[np.ndarray, tuple[float, float]]:
     """RGB image of the whole slide at about ``mask_mpp`` µm/px, and its (sy, sx) downsample.
 
-    Reads the coarsest pyramid level that is at least as fine as the target, then
-    box-averages it down to the target size.
+    Reads the coarsest pyramid level that is at least as fine as the target, region by region,
+    box-averaging each into the thumbnail: memory stays bounded even when the only level is
+    the full-resolution one. A thumbnail above ``max_pixels`` is refused before any reading.
     """
-    from PIL import Image
-
     mpp = slide.require_mpp()
     w0, h0 = slide.dimensions
     target_ds = max(mask_mpp / mpp, 1.0)
     out_w, out_h = max(1, int(np.ceil(w0 / target_ds))), max(1, int(np.ceil(h0 / target_ds)))
+    if out_w * out_h > max_pixels:
+        gib = out_w * out_h * BYTES_PER_THUMBNAIL_PIXEL / 2**30
+        raise MemoryCapError(
+            f"{slide.name}: the tissue thumbnail at {mask_mpp:g} µm/px would be {out_w} x {out_h} px "
+            f"(about {gib:.1f} GiB to segment), above max_pixels={max_pixels:,}; check the slide's µm per pixel "
+            f"({mpp:g}), use a coarser mask_mpp, or raise max_pixels (a TissueParams field, "
+            "detect_tissue(..., max_pixels=N))"
+        )
     level = slide.best_level_for_downsample(target_ds)
-    img = slide.read_level(level)
-    if img.shape[:2] != (out_h, out_w):
-        img = np.asarray(Image.fromarray(img).resize((out_w, out_h), Image.Resampling.BOX))
+    img = read_downsampled(slide, level, (out_w, out_h))
     return img, (h0 / out_h, w0 / out_w)
 
 
@@ -204,7 +217,7 @@ def detect_tissue(slide: Slide, params: TissueParams | str = "resection", **over
         params = PRESETS[params]
     if overrides:
         params = replace(params, **overrides)
-    thumb, (sy, sx) = read_thumbnail(slide, params.mask_mpp)
+    thumb, (sy, sx) = read_thumbnail(slide, params.mask_mpp, params.max_pixels)
     pixel_um = slide.require_mpp() * (sy + sx) / 2
     mask = segment_tissue(thumb, pixel_um, params)
     return TissueMask(mask, (sy, sx), asdict(params))

@@ -28,11 +28,30 @@ def units(slide: Slide) -> str:
     return "µm" if slide.mpp is not None else "level-0 px"
 
 
+def _notify_once(slide: Slide):
+    """A chunk reader's error callback: the first unreadable tile of the slide becomes one
+    warning notification (from any thread), later ones are shown blank without another."""
+    import threading
+
+    lock, reported = threading.Lock(), []
+
+    def on_error(exc) -> None:
+        with lock:
+            if reported:
+                return
+            reported.append(exc)
+        from napari.utils.notifications import show_warning
+
+        show_warning(f"{exc}; unreadable tiles of {slide.name} are shown blank")
+
+    return on_error
+
+
 def slide_layer_data(slide: Slide) -> tuple:
     """(data, kwargs, "image") for a lazy multiscale RGB layer of the slide."""
     from napari_mil.slide.pyramid import dask_pyramid
 
-    pyramid = dask_pyramid(slide)
+    pyramid = dask_pyramid(slide, on_error=_notify_once(slide))
     s = world_per_pixel(slide)
     metadata = {
         "napari_mil": {

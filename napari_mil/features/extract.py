@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from napari_mil.errors import EncoderError, ExtractionCancelled, FeatureStoreError
+from napari_mil.errors import EncoderError, ExtractionCancelled, FeatureStoreError, SlideOpenError, SlideReadError
 from napari_mil.features.store import FeatureBag, _disk_error, cache_key, cached_bag, feature_path
 from napari_mil.tiling import PatchGrid
 
@@ -82,10 +82,9 @@ class PatchDataset:
         try:
             patch = read_patch(self._open(), self.grid, index, self.out_size)
             ok = True
-        except Exception:  # an unreadable region: recorded and skipped, the run goes on
+        except (SlideReadError, SlideOpenError):  # an unreadable region: recorded and skipped, the run goes on
             patch = np.zeros((size, size, 3), np.uint8)
             ok = False
-            self._slide = None  # OpenSlide handles stay in error after a failed read: reopen
         return torch.from_numpy(np.require(patch, requirements=["C", "W"])), index, ok
 
 

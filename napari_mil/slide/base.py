@@ -10,7 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
-from napari_mil.errors import InvalidMppError, MissingMppError
+from napari_mil.errors import InvalidMppError, MissingMppError, SlideReadError
 
 # Scanners record roughly 0.1-1 µm/px at 10-100x, and low-power scans reach a few µm/px.
 # Anything outside this range is a unit error (dpi left at 72, cm read as inch, ...).
@@ -149,10 +149,20 @@ class Slide:
 
     # ---- pixels ---------------------------------------------------------------------
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        """RGB uint8 array (h, w, 3); ``location`` is (x, y) in level-0 pixels, ``size`` (w, h)."""
+        """RGB uint8 array (h, w, 3); ``location`` is (x, y) in level-0 pixels, ``size`` (w, h).
+
+        Raises SlideReadError, naming the slide and the region, when the pixels cannot be read
+        (damaged tile data, a file changed on disk, a region too large for memory).
+        """
         if not 0 <= level < self.level_count:
             raise IndexError(f"level {level} out of range 0..{self.level_count - 1}")
-        return self.backend.read_region(location, level, size)
+        try:
+            return self.backend.read_region(location, level, size)
+        except SlideReadError:
+            raise
+        except Exception as exc:  # OpenSlideError, codec errors, MemoryError, ...: all the file's fault
+            where = f"level {level} at ({int(location[0])}, {int(location[1])}), {int(size[0])} x {int(size[1])} px"
+            raise SlideReadError(f"{self.path.name}: cannot read the region {where}: {type(exc).__name__}: {exc}") from exc
 
     def read_level(self, level: int) -> np.ndarray:
         """A whole level as RGB (only sensible for the small, low-resolution levels)."""

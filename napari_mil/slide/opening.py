@@ -8,6 +8,7 @@ from pathlib import Path
 from napari_mil.errors import InvalidMppError, SlideOpenError
 from napari_mil.slide import openslide_backend, tiff_backend
 from napari_mil.slide.base import SLIDE_EXTENSIONS, Slide, is_slide_path, validate_mpp
+from napari_mil.slide.tiff_header import check_tiff_header
 
 
 def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
@@ -28,6 +29,8 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None) -> Slide:
     if mpp is not None:
         mpp = validate_mpp(mpp, "the given mpp")
 
+    # header values OpenSlide would trust blindly (a tile's size) can make it abort the process
+    check_tiff_header(path)
     errors = []
     backend = None
     for module in (openslide_backend, tiff_backend):

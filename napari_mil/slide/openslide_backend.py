@@ -35,6 +35,7 @@ class OpenSlideBackend:
     def __init__(self, path: Path):
         import openslide
 
+        self._path = path
         try:
             if openslide.OpenSlide.detect_format(str(path)) is None:
                 raise SlideOpenError("OpenSlide does not recognise the format")
@@ -82,18 +83,34 @@ class OpenSlideBackend:
             except Exception as exc:
                 raise SlideOpenError(f"OpenSlide cannot decode level {level}: {exc}") from None
 
+    def _recovering(self, read):
+        """``read(handle)``; after an OpenSlideError the handle answers every later read with
+        the same error, so a fresh one replaces it (a thread still reading keeps the old one)."""
+        import openslide
+
+        handle = self._slide
+        try:
+            return read(handle)
+        except openslide.OpenSlideError:
+            if self._slide is handle:
+                try:
+                    self._slide = openslide.OpenSlide(str(self._path))
+                except (openslide.OpenSlideError, OSError):
+                    pass  # the file went away: later reads fail with the same error
+            raise
+
     def read_region(self, location, level, size) -> np.ndarray:
         w, h = int(size[0]), int(size[1])
         if w <= 0 or h <= 0:
             return np.zeros((max(h, 0), max(w, 0), 3), np.uint8)
-        img = self._slide.read_region((int(location[0]), int(location[1])), level, (w, h))
+        img = self._recovering(lambda s: s.read_region((int(location[0]), int(location[1])), level, (w, h)))
         return pil_rgba_to_rgb(img, self._background)
 
     def associated_image_names(self) -> list[str]:
         return list(self._slide.associated_images.keys())
 
     def read_associated_image(self, name: str) -> np.ndarray:
-        return pil_rgba_to_rgb(self._slide.associated_images[name])
+        return pil_rgba_to_rgb(self._recovering(lambda s: s.associated_images[name]))
 
     def close(self) -> None:
         self._slide.close()

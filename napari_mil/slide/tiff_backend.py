@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_mil.errors import SlideOpenError
+from napari_mil.errors import SlideOpenError, SlideReadError
 from napari_mil.slide.base import TIFF_EXTENSIONS
 
 # An untiled level is decoded whole on first read; refuse ones that would not fit in memory.
@@ -69,6 +69,17 @@ class TiffBackend:
     name = "tifffile"
 
     def __init__(self, path: Path):
+        self._tf = None
+        try:
+            self._open(path)
+        except Exception as exc:  # a damaged header trips tifffile and numpy in many ways
+            if self._tf is not None:
+                self._tf.close()
+            if isinstance(exc, SlideOpenError):
+                raise
+            raise SlideOpenError(f"tifffile: {type(exc).__name__}: {exc}") from None
+
+    def _open(self, path: Path) -> None:
         import tifffile
 
         try:
@@ -87,6 +98,8 @@ class TiffBackend:
         for level in levels:
             page = level.keyframe if hasattr(level, "keyframe") else level.pages[0]
             self._levels.append(_Level(page, level.axes))
+        if any(lv.width < 1 or lv.height < 1 for lv in self._levels):
+            raise SlideOpenError("tifffile: a pyramid level has no pixels")
         self._series_levels = levels
         self._series_axes = axes
         self.level_dimensions = [(lv.width, lv.height) for lv in self._levels]
@@ -126,7 +139,8 @@ class TiffBackend:
         lv = self._levels[level]
         if lv._whole is None:
             if lv.height * lv.width * 4 > MAX_UNTILED_BYTES:
-                raise SlideOpenError("untiled TIFF level too large to decode in memory")
+                raise SlideReadError(
+                    f"untiled TIFF level {level} ({lv.width} x {lv.height} px) is too large to decode in memory")
             with self._lock:
                 arr = self._series_levels[level].asarray()
             if arr.ndim > 3:  # several planes: keep the first one
