@@ -18,12 +18,19 @@ import numpy as np
 
 from napari_mil.atomic import atomic_path
 from napari_mil.errors import NapariMilError
-from napari_mil.heatmaps import MASK_KINDS, MAX_PIXELS, NORMALISATIONS, AttentionMap, check_pixels, load_attention
+from napari_mil.heatmaps import (
+    MASK_KINDS,
+    MASK_LABELS,
+    MAX_PIXELS,
+    NORMALISATIONS,
+    AttentionMap,
+    check_pixels,
+    load_attention,
+)
 from napari_mil.names import check_name
 from napari_mil.paths import DATA_DIR
 
 EXPORT_FORMATS = ("geojson", "csv", "png", "topk")
-MASK_LABELS = {"high": "masked random-high", "low": "masked low", "random": "masked random"}
 
 
 def _check_same_patches(maps: dict[str, AttentionMap]) -> AttentionMap:

@@ -30,7 +30,9 @@ from napari_mil.errors import NapariMilError, os_error_message
 from napari_mil.geometry import PatchGeometry
 
 NORMALISATIONS = ("raw", "minmax", "rank", "log")
+NORMALISATION_LABELS = {"raw": "raw softmax", "minmax": "min-max", "rank": "percentile rank", "log": "log (× uniform)"}
 MASK_KINDS = ("high", "low", "random")  # MHIM-MIL's masks: random-high, low, random
+MASK_LABELS = {"high": "masked random-high", "low": "masked low", "random": "masked random"}
 OUTLINE_CELL = 8  # pixels per patch side in mask outline images (a frame 1/8 of the patch wide)
 MAX_PIXELS = 250_000_000  # the largest image made unless told otherwise: 1 GB as RGBA
 

@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from napari_mil.heatmaps import MASK_KINDS
+from napari_mil.heatmaps import MASK_KINDS, MASK_LABELS
 
 PANELS = ("teacher", "student")
 MASK_COLOURS = {"high": "#ff2d95", "low": "#2f9bff", "random": "#c8c8c8"}
 TRUTH_COLOUR = "#39ff14"  # the tumour outline
-MASK_NAMES = {"high": "masked random-high", "low": "masked low", "random": "masked random"}
-PARTS = ("slide", "attention", "ground truth", *MASK_NAMES.values())
+PARTS = ("slide", "attention", "ground truth", *MASK_LABELS.values())
 
 
 def ground_truth(slide):
@@ -191,7 +190,7 @@ class PairLayers:
 
     def show_mask(self, kind: str, on: bool) -> None:
         for panel in PANELS:
-            name = f"{panel} | {MASK_NAMES[kind]}"
+            name = f"{panel} | {MASK_LABELS[kind]}"
             if name in self.viewer.layers:
                 self.viewer.layers[name].visible = on
 

@@ -23,18 +23,18 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from napari_mil._napari._compare_layers import MASK_NAMES, PANELS, MapStyle, PairLayers, layer_names
+from napari_mil._napari._compare_layers import PANELS, MapStyle, PairLayers, layer_names
 from napari_mil._napari._gallery import Gallery
 from napari_mil._napari._state import MapPair
 from napari_mil._napari._workers import DockBase
 from napari_mil.errors import NapariMilError
 from napari_mil.exports import PAIR_FORMATS
-from napari_mil.heatmaps import MASK_KINDS
+from napari_mil.heatmaps import MASK_KINDS, MASK_LABELS, NORMALISATION_LABELS
 
 if TYPE_CHECKING:
     import napari
 
-NORM_LABELS = [("raw softmax", "raw"), ("min-max", "minmax"), ("percentile rank", "rank"), ("log (× uniform)", "log")]
+NORM_LABELS = [(label, how) for how, label in NORMALISATION_LABELS.items()]
 
 
 class CompareWidget(DockBase):
@@ -54,7 +54,7 @@ class CompareWidget(DockBase):
         self.opacity = FloatSlider(label="Opacity", value=0.6, min=0.0, max=1.0, step=0.05)
         self.transmil_layer = ComboBox(label="TransMIL layer", choices=[("1", 0), ("2", 1), ("mean", -1)], value=1)
         self.transmil_head = SpinBox(label="TransMIL head", value=-1, min=-1, max=63, tooltip="-1 = mean over heads")
-        self.mask_toggles = {kind: CheckBox(text=MASK_NAMES[kind], value=True) for kind in MASK_KINDS}
+        self.mask_toggles = {kind: CheckBox(text=MASK_LABELS[kind], value=True) for kind in MASK_KINDS}
         self.colour_bar = Label(value="")
         self.hover = Label(value="")
         self.k = SpinBox(label="Top k", value=6, min=1, max=32)
@@ -207,7 +207,7 @@ class CompareWidget(DockBase):
         self.single_button.enabled = True
         student = self.maps["student"]
         kept = int((~(student.masked["high"] | student.masked["low"] | student.masked["random"])).sum())
-        counts = ", ".join(f"{int(student.masked[k].sum())} {MASK_NAMES[k]}" for k in MASK_KINDS)
+        counts = ", ".join(f"{int(student.masked[k].sum())} {MASK_LABELS[k]}" for k in MASK_KINDS)
         message = f"teacher | student over {len(student)} patches; the student sees {kept} ({counts})"
         if self._announce:
             self._say(message)
@@ -257,7 +257,7 @@ class CompareWidget(DockBase):
             rank = round(amap.ranks()[i])
             parts.append(f"{panel}: {amap.values[i]:.2e}, rank {rank}/{len(amap)}")
         student = self.maps["student"]
-        masked = [MASK_NAMES[k] for k in MASK_KINDS if student.masked.get(k) is not None and student.masked[k][i]]
+        masked = [MASK_LABELS[k] for k in MASK_KINDS if student.masked.get(k) is not None and student.masked[k][i]]
         parts.append(", ".join(masked) if masked else "seen by the student")
         return " · ".join(parts)
 

@@ -14,8 +14,14 @@ from napari_mil.errors import NapariMilError
 if TYPE_CHECKING:
     import napari
 
-MODEL_CHOICES = [("ABMIL", "abmil"), ("gated ABMIL", "abmil_gated"), ("Extreme ABMIL", "extreme_abmil"),
-                 ("TransMIL", "transmil"), ("mean pooling", "mean_pool"), ("max pooling", "max_pool")]
+
+
+def model_choices() -> list[tuple[str, str]]:
+    """(label, name) of every registered model, for a dock's model menu."""
+    from napari_mil.models import list_models, model_label
+
+    return [(model_label(name), name) for name in list_models()]
+
 CHECKPOINT_FILTER = "*.json *.safetensors *.pt *.pth *.ckpt *.bin"
 
 
@@ -24,7 +30,7 @@ class ModelWidget(DockBase):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(napari_viewer)
-        self.model_name = ComboBox(label="Model", choices=MODEL_CHOICES, value="abmil",
+        self.model_name = ComboBox(label="Model", choices=model_choices(), value="abmil",
                                    tooltip="the architecture; a checkpoint sets it to its own")
         self.checkpoint = FileEdit(label="Checkpoint", mode="r", filter=CHECKPOINT_FILTER)
         self.part = ComboBox(label="MHIM-MIL part", choices=["student", "teacher"], value="student",
@@ -55,6 +61,7 @@ class ModelWidget(DockBase):
         return self._start(worker, lambda result: self._loaded(path, *result))
 
     def _loaded(self, path: Path, model, meta, teacher) -> None:
+        from napari_mil.models import model_label
         from napari_mil.training.mhim import MHIMConfig
 
         mhim = (meta.get("train_config") or {}).get("mhim")  # the masking it was trained with, if any
@@ -62,7 +69,7 @@ class ModelWidget(DockBase):
         self.model_name.value = meta["model"]
         source = meta.get("layout", "napari-mil")
         extra = " and its MHIM-MIL teacher" if teacher is not None else ""
-        label = {value: text for text, value in MODEL_CHOICES}.get(meta["model"], meta["model"])
+        label = model_label(meta["model"])
         self._say(f"loaded a {label} ({source}, {meta['in_dim']}-d features, {meta['n_classes']} classes){extra} "
                   f"from {path.name}")
 

@@ -31,7 +31,7 @@ from magicgui.widgets import (
     SpinBox,
 )
 
-from napari_mil._napari._model_widget import MODEL_CHOICES
+from napari_mil._napari._model_widget import model_choices
 from napari_mil._napari._state import MapPair, TrainingSetup
 from napari_mil._napari._training_run import (
     CohortUpdate,
@@ -69,7 +69,7 @@ class RetrainWidget(DockBase):
         self.cohort = FileEdit(label="Cohort CSV", mode="r", filter="*.csv",
                                tooltip="slide_id, label, path[, patient_id, split]")
         self.features_root = FileEdit(label="Feature folder", mode="d", value=str(default_feature_root()))
-        self.model_name = ComboBox(label="Model", choices=MODEL_CHOICES[:4], value="abmil")
+        self.model_name = ComboBox(label="Model", choices=model_choices(), value="abmil")
         # TransMIL's size (TrainConfig.model_cfg), shown only when TransMIL is chosen
         self.transmil_fields = {
             "dim": SpinBox(label="TransMIL width", value=TRANSMIL_DEFAULTS["dim"], min=8, max=8192, step=8,

@@ -12,12 +12,14 @@ from collections.abc import Callable
 from napari_mil.errors import NapariMilError
 
 _MODELS: dict[str, Callable] = {}
+_LABELS: dict[str, str] = {}  # the names shown in the docks
 _BUILTINS_LOADED = False
 
 
-def register_model(name: str):
+def register_model(name: str, label: str | None = None):
     def decorate(factory):
         _MODELS[name] = factory
+        _LABELS[name] = label or name
         return factory
 
     return decorate
@@ -26,6 +28,12 @@ def register_model(name: str):
 def list_models() -> list[str]:
     _load_builtins()
     return sorted(_MODELS)
+
+
+def model_label(name: str) -> str:
+    """How a registered model is shown to users ("gated ABMIL" for abmil_gated)."""
+    _load_builtins()
+    return _LABELS.get(name, name)
 
 
 def create_model(name: str, in_dim: int, n_classes: int = 2, **cfg):
@@ -56,12 +64,13 @@ def _load_builtins() -> None:
     from napari_mil.models.transmil import TransMIL
 
     builtins = {
-        "abmil": lambda **kw: ABMIL(gated=False, **kw),
-        "abmil_gated": lambda **kw: ABMIL(gated=True, **kw),
-        "extreme_abmil": ExtremeABMIL,
-        "mean_pool": MeanPoolMIL,
-        "max_pool": MaxPoolMIL,
-        "transmil": TransMIL,
+        "abmil": ("ABMIL", lambda **kw: ABMIL(gated=False, **kw)),
+        "abmil_gated": ("gated ABMIL", lambda **kw: ABMIL(gated=True, **kw)),
+        "extreme_abmil": ("Extreme ABMIL", ExtremeABMIL),
+        "mean_pool": ("mean pooling", MeanPoolMIL),
+        "max_pool": ("max pooling", MaxPoolMIL),
+        "transmil": ("TransMIL", TransMIL),
     }
-    for name, factory in builtins.items():
-        _MODELS.setdefault(name, factory)
+    for name, (label, factory) in builtins.items():
+        if name not in _MODELS:
+            register_model(name, label)(factory)

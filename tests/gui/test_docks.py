@@ -143,7 +143,8 @@ def mhim_pair(viewer, qtbot, with_features, tmp_path, wait_for):
 def test_compare_side_by_side(viewer, qtbot, mhim_pair, tmp_path, wait_for):
     import numpy as np
 
-    from napari_mil._napari._compare_layers import MASK_NAMES, ground_truth
+    from napari_mil._napari._compare_layers import ground_truth
+    from napari_mil.heatmaps import MASK_LABELS
 
     state = mhim_pair
     compare = dock(viewer, "Compare teacher | student")
@@ -157,7 +158,7 @@ def test_compare_side_by_side(viewer, qtbot, mhim_pair, tmp_path, wait_for):
     assert all(not layer.visible for layer in list(viewer.layers)[12:])  # the rest is hidden meanwhile
     n = len(state.features)
     for kind, expected in (("high", int(0.1 * n)), ("low", int(0.2 * n))):
-        frames = viewer.layers[f"student | {MASK_NAMES[kind]}"].data  # 8 x 8 pixels per patch, framed if masked
+        frames = viewer.layers[f"student | {MASK_LABELS[kind]}"].data  # 8 x 8 pixels per patch, framed if masked
         assert frames.reshape(frames.shape[0] // 8, 8, -1, 8).any(axis=(1, 3)).sum() == expected
     masked = student.masked["high"] | student.masked["low"] | student.masked["random"]
     assert masked.any() and np.all(student.values[masked] == 0) and student.values.sum() > 0.999
