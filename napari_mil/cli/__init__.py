@@ -16,7 +16,7 @@ predict.py) calls the use cases and the core.
 
 from __future__ import annotations
 
-from napari_mil.cli.output import error
+from napari_mil.cli.output import UsageError, error
 from napari_mil.cli.parser import build_parser
 from napari_mil.errors import NapariMilError, os_error_message
 
@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except UsageError as exc:
+        error(exc)
+        return 2
     except NapariMilError as exc:
         error(exc)
         return 1

@@ -48,11 +48,7 @@ def cmd_tile(args) -> int:
     slides = _slides(args)
     if slides is None:
         return 2
-    try:
-        out = output_folder(args.out)
-    except NapariMilError as exc:
-        error(exc)
-        return 2
+    out = output_folder(args.out)
     failures = 0
     rows = []
     for path, mpp in progress_bar(slides, desc="tiling", unit="slide", disable=args.quiet or len(slides) == 1):

@@ -21,16 +21,20 @@ def note(message) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
+class UsageError(NapariMilError):
+    """The command cannot start with these arguments (exit code 2, as argparse's own errors)."""
+
+
 def output_folder(path) -> Path:
-    """The --out folder, made when missing; a NapariMilError that says what to do when it cannot
-    be (a file in the way) or cannot be written to (checked before any work, not at its end)."""
+    """The --out folder, made when missing; a UsageError that says what to do when it cannot be
+    (a file in the way) or cannot be written to (checked before any work, not at its end)."""
     out = Path(path)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise NapariMilError(os_error_message(exc, out)) from None
+        raise UsageError(os_error_message(exc, out)) from None
     if not os.access(out, os.W_OK):
-        raise NapariMilError(f"{out}: the folder is not writable: fix its permissions or choose another --out")
+        raise UsageError(f"{out}: the folder is not writable: fix its permissions or choose another --out")
     return out
 
 

@@ -31,11 +31,7 @@ def cmd_predict(args) -> int:
     encoder, said = checkpoint_encoder(meta, args.encoder)
     if said:
         note(said)
-    try:
-        out = output_folder(args.out)
-    except NapariMilError as exc:
-        error(exc)
-        return 2
+    out = output_folder(args.out)
     rows, failures = [], 0
     for slide_id in args.slides:
         try:
@@ -62,11 +58,7 @@ def _predict_out_of_fold(args) -> int:
     if args.checkpoint:
         error("--oof takes each fold's checkpoint from MODELS_DIR: leave out --checkpoint")
         return 2
-    try:
-        out = output_folder(args.out)
-    except NapariMilError as exc:
-        error(exc)
-        return 2
+    out = output_folder(args.out)
     bar = progress_bar(total=0, desc="out of fold", unit="slide", disable=args.quiet)
 
     def progress(p, bar=bar):
