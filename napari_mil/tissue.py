@@ -138,7 +138,7 @@ def hsv_channels(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mx = rgb16.max(axis=-1)
     mn = rgb16.min(axis=-1)
     delta = mx - mn
-    sat = np.where(mx > 0, delta * 255 // np.maximum(mx, 1), 0).astype(np.uint8)
+    sat = np.where(mx > 0, delta.astype(np.int32) * 255 // np.maximum(mx, 1), 0).astype(np.uint8)  # int16 overflows
     r, g, b = rgb16[..., 0], rgb16[..., 1], rgb16[..., 2]
     d = np.maximum(delta, 1).astype(np.float32)
     hue = np.where(mx == r, ((g - b) / d) % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4)) * 60.0

@@ -92,3 +92,19 @@ def test_mask_png_round_trip_keeps_the_scale(tmp_path):
 def test_unknown_preset_is_named():
     with pytest.raises(ValueError, match="biopsy"):
         detect_tissue(None, "nonsense")
+
+
+def test_saturation_of_strong_colours_does_not_overflow():
+    """Saturation as colorsys gives it, also where max - min exceeds 128 (pure red, blue pen ink):
+    the product with 255 once overflowed 16-bit integers there."""
+    import colorsys
+
+    from napari_mil.tissue import hsv_channels
+
+    rng = np.random.default_rng(0)
+    pixels = np.concatenate([np.array([[130, 0, 0], [40, 70, 175], [255, 0, 255], [10, 10, 10]], np.uint8),
+                             rng.integers(0, 256, (500, 3), dtype=np.uint8)])
+    _, sat, val = hsv_channels(pixels[None])
+    expected = [int(colorsys.rgb_to_hsv(*(p / 255.0))[1] * 255) for p in pixels.astype(float)]
+    assert np.abs(sat[0].astype(int) - np.array(expected)).max() <= 1
+    assert sat[0, 0] == 255 and val[0, 0] == 130
