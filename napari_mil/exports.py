@@ -167,10 +167,30 @@ def render_overlay(amap: AttentionMap, dimensions: tuple[int, int], downsample: 
 def export_overlay_png(path: str | Path, amap: AttentionMap, dimensions: tuple[int, int], downsample: float,
                        **options) -> Path:
     """``render_overlay`` written as a PNG."""
+    return _write_png(path, render_overlay(amap, dimensions, downsample, **options))
+
+
+def _write_png(path: str | Path, image) -> Path:
+    """An RGB(A) array or PIL image as a PNG, atomically."""
     from PIL import Image
 
-    image = render_overlay(amap, dimensions, downsample, **options)
-    return _atomic(Path(path), lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+    image = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    return _atomic(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+
+
+def read_top_k(slide, amap: AttentionMap, k: int, side_px: int,
+               max_pixels: int = MAX_PIXELS) -> list[tuple[int, np.ndarray]]:
+    """The ``k`` highest-attention patches of ``amap``, highest first, as (index, RGB uint8 array)
+    read from the slide level nearest ``side_px`` pixels a patch side (a read of more than
+    ``max_pixels`` is refused before it is made)."""
+    size0 = amap.patch_size_level0
+    level = slide.best_level_for_downsample(size0 / side_px)
+    side = max(1, round(size0 / slide.level_downsamples[level]))
+    check_pixels(side, side, max_pixels, f"a top-k patch of {size0} level-0 px read at level {level}",
+                 "the file's patch size does not fit this slide; is it the right slide?")
+    return [(int(i), np.ascontiguousarray(slide.read_region(tuple(int(v) for v in amap.coords[i]), level,
+                                                            (side, side))[..., :3]))
+            for i in amap.top_k(k)]
 
 
 def export_top_k(folder: str | Path, slide, amap: AttentionMap, k: int = 8, out_size: int = 256,
@@ -182,20 +202,13 @@ def export_top_k(folder: str | Path, slide, amap: AttentionMap, k: int = 8, out_
 
     folder = Path(folder)
     check_name(amap.name, "map name")
-    size0 = amap.patch_size_level0
-    level = slide.best_level_for_downsample(size0 / out_size)
-    ds = slide.level_downsamples[level]
-    side = max(1, round(size0 / ds))
-    check_pixels(side, side, max_pixels, f"a top-k patch of {size0} level-0 px read at level {level}",
-                 "the file's patch size does not fit this slide; is it the right slide?")
     paths = []
-    for rank, i in enumerate(amap.top_k(k), start=1):
+    for rank, (i, pixels) in enumerate(read_top_k(slide, amap, k, out_size, max_pixels), start=1):
         x, y = (int(v) for v in amap.coords[i])
-        patch = Image.fromarray(np.ascontiguousarray(slide.read_region((x, y), level, (side, side))[..., :3]))
-        if side != out_size:
+        patch = Image.fromarray(pixels)
+        if patch.size != (out_size, out_size):
             patch = patch.resize((out_size, out_size), Image.Resampling.BILINEAR)
-        target = folder / f"{amap.name}_rank{rank:03d}_x{x}_y{y}.png"
-        paths.append(_atomic(target, lambda tmp, p=patch: p.save(tmp, format="PNG")))
+        paths.append(_write_png(folder / f"{amap.name}_rank{rank:03d}_x{x}_y{y}.png", patch))
     return paths
 
 
@@ -245,9 +258,7 @@ def export_attention_file(path: str | Path, out: str | Path, formats: str | Iter
         if "csv" in formats:
             written.append(export_csv(out / f"{stem}.csv", maps))
         if "png" in formats:
-            from PIL import Image
-
-            written.append(_atomic(out / f"{stem}.png", lambda tmp: Image.fromarray(image).save(tmp, format="PNG")))
+            written.append(_write_png(out / f"{stem}.png", image))
         if "topk" in formats:
             written += export_top_k(out / f"{stem}_top{k}", slide, amap, k, max_pixels=max_pixels)
     finally:

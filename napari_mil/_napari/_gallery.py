@@ -15,17 +15,9 @@ ICON_PX = 64  # patches are read from the slide level nearest this many pixels a
 def read_top_k(slide, maps: dict, k: int) -> dict[str, list[tuple[int, np.ndarray]]]:
     """For each map, its ``k`` highest-attention patches as (index, RGB uint8 array), read from the
     slide level nearest ``ICON_PX`` pixels a patch. Numpy only: run in a worker."""
-    patches: dict = {}
-    for panel, amap in maps.items():
-        size0 = amap.patch_size_level0
-        level = slide.best_level_for_downsample(size0 / ICON_PX)
-        side = max(1, round(size0 / slide.level_downsamples[level]))
-        patches[panel] = [
-            (int(i), np.ascontiguousarray(slide.read_region(tuple(int(v) for v in amap.coords[i]), level,
-                                                            (side, side))[..., :3]))
-            for i in amap.top_k(k)
-        ]
-    return patches
+    from napari_mil.exports import read_top_k as read_patches
+
+    return {panel: read_patches(slide, amap, k, ICON_PX) for panel, amap in maps.items()}
 
 
 class Gallery(Container):
